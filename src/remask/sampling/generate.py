@@ -1,0 +1,144 @@
+"""LLaDA's reverse-process sampler (section 2.4; appendix B.2 Algorithms 4-5; B.3 blocks and CFG).
+
+Start from the prompt followed by `gen_length` mask tokens. Blocks are filled left to right;
+inside a block, each step predicts every masked token at once, commits the `k` most confident
+predictions (k from the linear schedule) and leaves the rest masked. Committed tokens are never
+masked again, and nothing after the current block is revealed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from remask.diffusion.guidance import ModelFn, guided_logits
+from remask.errors import RemaskError
+from remask.sampling.config import SamplerConfig
+from remask.sampling.remasking import REMASKING, gumbel_argmax
+from remask.sampling.schedule import block_slices, num_transfer_tokens
+
+
+@dataclass
+class StepInfo:
+    step: int  # global step index, 0-based
+    block: int
+    x: Tensor  # (B, P + gen_length) state after this step
+    revealed: Tensor  # (B, P + gen_length) bool: positions committed at this step
+
+
+def check_prompt(prompt: Tensor, attention_mask: Tensor | None, mask_id: int) -> None:
+    """Raise RemaskError unless `prompt` is a non-empty (B, P) integer batch whose real positions
+    (attention_mask 1; all when None) hold no mask token."""
+    if prompt.dim() != 2 or prompt.shape[0] == 0:
+        raise RemaskError(f"prompt must be a non-empty 2-D (batch, length) tensor, got shape {tuple(prompt.shape)}")
+    if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+        raise RemaskError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    if attention_mask is not None and attention_mask.shape != prompt.shape:
+        raise RemaskError(f"attention_mask shape {tuple(attention_mask.shape)} does not match prompt shape "
+                          f"{tuple(prompt.shape)}")
+    real = prompt == mask_id if attention_mask is None else (prompt == mask_id) & attention_mask.bool()
+    if real.any():
+        raise RemaskError(f"prompt contains the mask token (id {mask_id}) at a real position")
+
+
+def append_masks(prompt: Tensor, attention_mask: Tensor | None, gen_length: int,
+                 mask_id: int) -> tuple[Tensor, Tensor | None]:
+    """x_1 of the reverse process: prompt (B, P) + gen_length masks -> (B, P + gen_length); the
+    attention mask, if any, is extended with ones (the answer is always attended)."""
+    B = prompt.shape[0]
+    x = torch.cat([prompt, prompt.new_full((B, gen_length), mask_id)], dim=1)
+    if attention_mask is None:
+        return x, None
+    return x, torch.cat([attention_mask, attention_mask.new_ones((B, gen_length))], dim=1)
+
+
+def ban_tokens(logits: Tensor, ids: Tensor) -> Tensor:
+    """`logits` (..., V) with the columns `ids` set to -inf, so they are never sampled."""
+    V = logits.shape[-1]
+    if ids.numel() and (ids.min() < 0 or ids.max() >= V):
+        raise RemaskError(f"token ids {ids.tolist()} must lie in the model's vocabulary [0, {V})")
+    return logits.index_fill(-1, ids, float("-inf"))
+
+
+def select_top_k(score: Tensor, tier: Tensor, k: Tensor) -> Tensor:
+    """(B, N) bool: per row the k[b] positions first in the order (tier ascending, score
+    descending, position ascending). Lexicographic, so no sentinel value can collide."""
+    order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, N)
+    order = order.gather(-1, tier.gather(-1, order).sort(dim=-1, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                           .expand_as(order))
+    return rank < k[:, None]
+
+
+def denoise_step(logits: Tensor, x_block: Tensor, k: Tensor, cfg: SamplerConfig, *, mask_id: int,
+                 eos: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """One reverse step on a block: logits (B, N, V), x_block (B, N), k (B,) -> (new block, committed).
+
+    Only masked positions are candidates (tier 0; EOS predictions tier 1 under eos="delay");
+    unmasked positions (tier 2) are never chosen, as sum(k) never exceeds the masks left.
+    """
+    mask_col = torch.tensor([mask_id], device=logits.device)
+    # x0 is a clean token: [M] is not in the data distribution that p_theta predicts (eq. 4).
+    banned = torch.cat([mask_col, eos]) if cfg.eos == "forbid" else mask_col
+    logits = ban_tokens(logits, banned)
+    x0 = gumbel_argmax(logits, cfg.temperature, generator)  # (B, N)
+    score = REMASKING[cfg.remasking](logits, x0, generator)  # (B, N) float64
+    late = torch.isin(x0, eos) if cfg.eos == "delay" else torch.zeros_like(x0, dtype=torch.bool)
+    tier = torch.where(x_block == mask_id, late.long(), 2)
+    chosen = select_top_k(score, tier, k) & (x_block == mask_id)
+    return torch.where(chosen, x0, x_block), chosen
+
+
+def commit(x: Tensor, block: slice, new_block: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """A new state (B, L) with `new_block` written into `block`, and the (B, L) revealed mask."""
+    x = x.clone()
+    x[:, block] = new_block
+    revealed = torch.zeros_like(x, dtype=torch.bool)
+    revealed[:, block] = chosen
+    return x, revealed
+
+
+@torch.no_grad()
+def generate(model_fn: ModelFn, prompt: Tensor, cfg: SamplerConfig, *, mask_id: int,
+             attention_mask: Tensor | None = None, eos_ids: Sequence[int] = (),
+             generator: torch.Generator | None = None,
+             on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
+    """Fill cfg.gen_length masked positions after `prompt` (B, P); returns (B, P + gen_length).
+
+    Left-padded rows are marked 0 in `attention_mask` (B, P); the prompt is never changed.
+    `eos_ids` are the end-of-text ids that cfg.eos forbids or delays. `on_step` sees each step.
+    """
+    check_prompt(prompt, attention_mask, mask_id)
+    P = prompt.shape[1]
+    x, attn = append_masks(prompt, attention_mask, cfg.gen_length, mask_id)  # (B, L)
+    is_prompt = torch.arange(x.shape[1], device=x.device) < P  # (L,) masked in CFG's unconditional branch
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=x.device)
+    for b, block in enumerate(block_slices(P, cfg.gen_length, cfg.block_size)):
+        counts = num_transfer_tokens(x[:, block] == mask_id, cfg.steps_per_block)  # (B, S)
+        for s, k in enumerate(counts.unbind(1)):
+            logits = guided_logits(model_fn, x, is_prompt, cfg.cfg_scale, mask_id, attn)[:, block]  # (B, N, V)
+            new_block, chosen = denoise_step(logits, x[:, block], k, cfg, mask_id=mask_id, eos=eos,
+                                             generator=generator)
+            x, revealed = commit(x, block, new_block, chosen)
+            if on_step is not None:
+                on_step(StepInfo(b * cfg.steps_per_block + s, b, x, revealed))
+    return x
+
+
+@dataclass
+class RevealRecorder:
+    """An `on_step` callback keeping, per position, the global step that revealed it (-1: never,
+    e.g. the prompt) in `reveal_step` (B, P + gen_length). `then` is called after it, if given."""
+
+    then: Callable[[StepInfo], None] | None = None
+    reveal_step: Tensor | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.reveal_step is None:
+            self.reveal_step = torch.full_like(info.x, -1)
+        self.reveal_step = self.reveal_step.masked_fill(info.revealed, info.step)
+        if self.then is not None:
+            self.then(info)
