@@ -1,0 +1,141 @@
+"""The `remask` command line: info, generate, and bad input as one `error:` line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from remask.checkpoint import save_model
+from remask.cli import main
+from remask.config import ModelConfig
+from remask.display import DenoisingView, render
+from remask.model import build_model
+from remask.pipeline import Pipeline
+from remask.sampling import SamplerConfig
+from remask.tokenizer import Tokenizer
+
+TEXT = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("m") / "model"
+    tok = Tokenizer.train(TEXT, kind="char")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
+                      max_sequence_length=48, init_std=0.3).with_tokens(tok.special_ids, tok.vocab_size)
+    save_model(build_model(cfg, seed=3), directory, tokenizer=tok)
+    return directory
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_json(model_dir, capsys):
+    code, out, _ = run(capsys, "info", str(model_dir), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["config"]["n_layers"] == 2 and info["kind"].startswith("masked diffusion")
+    tok = Tokenizer.from_dir(model_dir)
+    assert info["tokenizer"]["special_tokens"]["mask"][0] == tok.mask_id
+    assert info["parameters"] == sum(p.numel() for p in build_model(Pipeline.load(model_dir).model.config).parameters())
+
+
+def test_generate_json_matches_library_and_reveal_steps(model_dir, capsys):
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--prompt", "床前", "--gen-length", "12",
+                       "--steps", "6", "--block-length", "4", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result) == {"text", "ids", "reveal_step"}
+    assert len(result["ids"]) == len(result["reveal_step"]) == 12
+    # 6 steps over 3 blocks of 4: two steps per block, two tokens each.
+    assert sorted(result["reveal_step"]) == [s for s in range(6) for _ in range(2)]
+    for block in range(3):
+        assert {result["reveal_step"][i] for i in range(4 * block, 4 * block + 4)} == {2 * block, 2 * block + 1}
+    pipe = Pipeline.load(model_dir)
+    lib = pipe.generate("床前", SamplerConfig(gen_length=12, steps=6, block_length=4))
+    assert lib.ids == result["ids"] and lib.text == result["text"]
+
+
+def test_generate_reproducible_with_seed(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", "白日", "--gen-length", "8", "--steps", "8",
+            "--temperature", "1.0", "--remasking", "random", "--json"]
+    a = json.loads(run(capsys, *args, "--seed", "1")[1])
+    b = json.loads(run(capsys, *args, "--seed", "1")[1])
+    c = json.loads(run(capsys, *args, "--seed", "2")[1])
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--gen-length", "10", "--block-length", "4"], "divisible by block_length"),
+    (["--gen-length", "8", "--steps", "5", "--block-length", "4"], "divisible by the number of blocks"),
+    (["--gen-length", "8", "--steps", "9"], "must be <= gen_length"),
+    (["--gen-length", "47", "--steps", "47"], "exceeds the model's context"),
+    (["--steps", "abc"], "--steps"),
+    (["--remasking", "nope"], "nope"),
+])
+def test_generate_bad_options(model_dir, capsys, argv, fragment):
+    code, out, err = run(capsys, "generate", "--model", str(model_dir), "--prompt", "床前", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error:") and err.count("\n") == 1 and fragment in err
+
+
+def test_missing_and_corrupt_model_directory(model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert code == 2 and err.startswith("error:") and "does not exist" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run(capsys, "info", str(broken))
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_mismatched_shapes(model_dir, tmp_path, capsys):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for f in model_dir.iterdir():
+        (wrong / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["d_model"] = 64
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, "generate", "--model", str(wrong), "--prompt", "x")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_console_script_exit_codes(model_dir):
+    """The installed entry point: no traceback, exit 2, one line."""
+    proc = subprocess.run([sys.executable, "-m", "remask.cli", "generate", "--model", str(model_dir),
+                           "--prompt", "x", "--gen-length", "10", "--block-length", "3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "remask.cli", "nonsense"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown command")
+
+
+def test_denoising_view_colours_by_reveal_step(model_dir):
+    import io
+
+    pipe = Pipeline.load(model_dir)
+    cfg = SamplerConfig(gen_length=8, steps=4, block_length=4)
+    stream = io.StringIO()
+    view = DenoisingView(pipe, cfg, prompt_len=len(pipe.encode_prompt("床前")), stream=stream, colour=True)
+    result = pipe.generate("床前", cfg, on_step=view)
+    assert view.steps == result.reveal_step
+    # Not a terminal: only the final frame is printed, one escape per revealed token.
+    assert stream.getvalue().count("\x1b[38;5;") == sum(1 for t in result.ids if t not in pipe.stop_ids())
+    plain = render(["a", None, "b"], [0, -1, 3], 4, colour=False)
+    assert plain == "a░b"
+
+
+def test_pipeline_prompt_is_bos_then_text(model_dir):
+    pipe = Pipeline.load(model_dir)
+    tok = pipe.tokenizer
+    assert pipe.encode_prompt("床前") == [tok.bos_id, *tok.encode("床前")]
+    chat = pipe.encode_prompt("床前", chat=True)
+    assert chat == tok.render_chat([{"role": "user", "content": "床前"}], add_generation_prompt=True)
+    assert torch.tensor(chat).ne(tok.mask_id).all()
