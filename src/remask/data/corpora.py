@@ -121,7 +121,7 @@ def shakespeare_documents() -> list[str]:
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
-            for i, p in enumerate(sorted(texts)):
+            for p in sorted(texts):
                 shutil.copyfile(p, target / p.name)
             (target / ".complete").touch()
     return [decode_text(p).replace("\r\n", "\n") for p in sorted(target.glob("*.txt"))]

@@ -3,7 +3,6 @@ next-token loss. Logits of any float dtype; cross-entropy computed in float32.""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

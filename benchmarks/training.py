@@ -1,0 +1,158 @@
+"""Training benchmarks: the diffusion objective's cost against the AR twin's, validation after
+equal tokens, and 1-process vs 2-process DDP throughput.
+
+    python benchmarks/training.py [--parts cost validation ddp] [--preset demo] [--steps 600]
+
+- cost: the same model size and batches, full optimizer steps (masking + forward + backward +
+  AdamW), MDM and AR timed in alternating rounds in one process; FLOP/s from the matmul count
+  (3 x forward) against the matmul peak measured in the same run.
+- validation: `remask pretrain` of both objectives on the Tang poems for the same number of
+  steps (equal tokens); the MDM's figure is its likelihood bound, the AR's its exact NLL.
+- ddp: tokens/s of the same run as 1 process and as 2 processes (torchrun, gloo).
+Writes benchmarks/results/training.json (the parts that ran are merged into an existing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS_DIR, write_result
+from remask.data.packing import PackedBatches, step_generator
+from remask.data.tokenize import corpus_tokenizer, prepare_tokens
+from throughput import matmul_peak
+
+from remask.data.corpora import read_corpus
+from remask.model import build_model
+from remask.train.config import TrainConfig
+from remask.train.objectives import batch_loss, make_inputs
+from remask.train.optim import build_optimizer
+from remask.train.pretrain import model_config_for, pretrain
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cost(args) -> dict:
+    """Alternate rounds of MDM and AR optimizer steps on identical batches."""
+    cfg = TrainConfig(data=args.data, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size)
+    docs = read_corpus(cfg.data)
+    tok = corpus_tokenizer(cfg.data, docs, kind="char", vocab_size=cfg.vocab_size)
+    splits = prepare_tokens(cfg.data, docs, tok)
+    packed = PackedBatches(splits.train, cfg.seq_len, cfg.batch_size, seed=0)
+    model_cfg = model_config_for(cfg, tok)
+    runs = {}
+    for objective in ("mdm", "ar"):
+        model = build_model(model_cfg.replace(causal=objective == "ar"), seed=0)
+        opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        runs[objective] = (model, opt)
+    times = {"mdm": [], "ar": []}
+    for round_ in range(args.rounds):
+        for objective in ("mdm", "ar") if round_ % 2 == 0 else ("ar", "mdm"):
+            model, opt = runs[objective]
+            for i in range(args.steps_per_round):
+                step = round_ * args.steps_per_round + i
+                start = time.perf_counter()
+                inputs = make_inputs("pretrain", objective, packed.batch(step), mask_id=tok.mask_id, eps=1e-3,
+                                     generator=step_generator(0, step, 1))
+                batch_loss(model, "pretrain", objective, inputs).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if round_ > 0:  # round 0 is warm-up
+                    times[objective].append(time.perf_counter() - start)
+    tokens = cfg.batch_size * cfg.seq_len
+    flops_per_step = 3 * model_cfg.flops_per_token(cfg.seq_len) * tokens
+    peak = matmul_peak("cpu", torch.float32, 1024)
+    out = {"matmul_peak_flops_per_s": peak, "parameters": model_cfg.num_parameters()}
+    for objective, ts in times.items():
+        median = sorted(ts)[len(ts) // 2]
+        out[objective] = {"tokens_per_s": tokens / median, "flops_per_s": flops_per_step / median,
+                          "fraction_of_peak": flops_per_step / median / peak, "median_step_s": median}
+    out["mdm_over_ar_cost"] = out["mdm"]["median_step_s"] / out["ar"]["median_step_s"]
+    return out
+
+
+def validation(args, root: Path) -> dict:
+    out = {}
+    for objective in ("mdm", "ar"):
+        cfg = TrainConfig(data=args.data, out=root / objective, objective=objective, preset=args.preset,
+                          seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=2e-3,
+                          warmup_steps=50, decay_fraction=0.3, val_every=max(1, args.steps // 4), save_every=args.steps,
+                          log_every=25, progress=False)
+        start = time.perf_counter()
+        pretrain(cfg)
+        rows = [json.loads(ln) for ln in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+        val = [r for r in rows if "val_loss" in r]
+        out[objective] = {"val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"], "tokens": val[-1]["tokens"],
+                          "curve": [[r["tokens"], r["val_loss"]] for r in val],
+                          "wall_s": time.perf_counter() - start}
+    out["note"] = ("val_loss in nats per token on the held-out poems: for the MDM an upper bound on the NLL "
+                   "(fixed-mask Monte-Carlo estimate of eq. 3), for the AR twin its exact NLL")
+    return out
+
+
+DDP_RUN = """
+import sys
+from pathlib import Path
+from remask.train.config import TrainConfig
+from remask.train.pretrain import pretrain
+pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset=sys.argv[3], seq_len=int(sys.argv[4]),
+                     batch_size=int(sys.argv[5]), max_steps=int(sys.argv[6]), log_every=5, val_every=10**6,
+                     save_every=10**6, progress=False, device="cpu"))
+"""
+
+
+def ddp(args, root: Path) -> dict:
+    out = {}
+    for procs in (1, 2):
+        run = root / f"ddp{procs}"
+        script = [args.data, str(run), args.preset, str(args.seq_len), str(args.batch_size), str(args.ddp_steps)]
+        env = os.environ | {"PYTHONPATH": str(SRC)}
+        if procs == 1:
+            cmd = [sys.executable, "-c", DDP_RUN, *script]
+        else:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // procs))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                   "--no-python", sys.executable, "-c", DDP_RUN, *script]
+        subprocess.run(cmd, env=env, check=True)
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
+        out[f"{procs}_process"] = {"tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows)}
+    out["speedup_2_over_1"] = out["2_process"]["tokens_per_s"] / out["1_process"]["tokens_per_s"]
+    out["cores"] = os.cpu_count()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["cost", "validation", "ddp"])
+    ap.add_argument("--data", default="builtin:tang300")
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=600, help="training steps per objective for validation")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps-per-round", type=int, default=4)
+    ap.add_argument("--ddp-steps", type=int, default=40)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    previous = RESULTS_DIR / "training.json"
+    results = json.loads(previous.read_text())["results"] if previous.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "cost" in args.parts:
+            results |= cost(args)
+        if "validation" in args.parts:
+            results["validation"] = validation(args, Path(tmp) / "val")
+        if "ddp" in args.parts:
+            results["ddp"] = ddp(args, Path(tmp) / "ddp")
+    settings = {k: v for k, v in vars(args).items()} | {"threads": torch.get_num_threads()}
+    write_result("training", settings, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Training: schedule and optimizer groups by hand, resume bit-identity, SIGKILL safety,
+DDP parity with one process, the AR twin, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from remask.checkpoint import load_model
+from remask.cli import main as cli_main
+from remask.demo import DEMO_TRAINING
+from remask.model import build_model
+from remask.train.config import TrainConfig, load_recipe
+from remask.train.optim import param_groups, wsd_lr
+from remask.train.pretrain import pretrain
+from remask.train.state import latest_checkpoint, read_trainer_state
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_LINES = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REMASK_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "poems.txt"
+    path.write_text("\n%\n".join(CORPUS_LINES * 6) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), out=out, preset="tiny", d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
+                seq_len=32, batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2, log_every=1, val_every=4,
+                val_batches=1, save_every=4, progress=False, device="cpu", val_fraction=0.2)
+    return TrainConfig(**(base | kw))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_model(directory).state_dict()
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+def test_wsd_schedule_by_hand():
+    kw = dict(max_steps=10, peak=1.0, warmup_steps=2, decay_fraction=0.4, min_ratio=0.1)
+    got = [wsd_lr(s, **kw) for s in range(10)]
+    # warmup 0.5, 1; stable until step 6; then 4 decay steps to 0.1 linearly.
+    expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1 - 0.9 * 0.25, 1 - 0.9 * 0.5, 1 - 0.9 * 0.75, 0.1]
+    assert got == pytest.approx(expected)
+
+
+def test_weight_decay_only_on_matrices():
+    from remask.config import ModelConfig
+
+    model = build_model(ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=16))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "wte.weight", "blocks.0.attn_norm.weight", "blocks.0.ff_norm.weight", "ln_f.weight"}
+    assert "ff_out.weight" in {names[id(p)] for p in decay["params"]} and decay["weight_decay"] == 0.1
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def test_pretrain_writes_run_layout_and_learns(tmp_path):
+    run = tmp_path / "run"
+    final = pretrain(tiny_cfg("builtin:tang300", run, max_steps=30, val_every=10, save_every=10, val_fraction=0.05,
+                              batch_size=8, val_batches=4))
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s"):
+        assert all(key in r for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0]  # it learns
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep = 2
+    assert (run / "checkpoints" / "step-30" / "trainer_state" / "optimizer.pt").exists()
+    assert not load_model(final).config.causal
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    full = tmp_path / "full"
+    pretrain(tiny_cfg(corpus, full))
+    cut = tmp_path / "cut"
+    pretrain(tiny_cfg(corpus, cut, max_steps=8, save_every=4))
+    # Throw away everything after step 4 as if the run had died there.
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "step-8")
+    shutil.rmtree(cut / "final")
+    pretrain(tiny_cfg(corpus, cut, resume=True))
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(full)]
+    a, b = weights(full / "final"), weights(cut / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_or_resume_a_different_model(corpus, tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny_cfg(corpus, run, max_steps=4))
+    from remask.errors import RemaskError
+
+    with pytest.raises(RemaskError, match="already holds a run"):
+        pretrain(tiny_cfg(corpus, run, max_steps=4))
+    with pytest.raises(RemaskError, match="different model"):
+        pretrain(tiny_cfg(corpus, run, max_steps=8, d_model=64, resume=True))
+
+
+def test_ar_twin_same_data_causal_model(corpus, tmp_path):
+    mdm = pretrain(tiny_cfg(corpus, tmp_path / "mdm", max_steps=4))
+    ar = pretrain(tiny_cfg(corpus, tmp_path / "ar", max_steps=4, objective="ar"))
+    assert load_model(ar).config.causal and not load_model(mdm).config.causal
+    # Same tokens per step: the same data stream.
+    assert [r["tokens"] for r in metrics(tmp_path / "ar")] == [r["tokens"] for r in metrics(tmp_path / "mdm")]
+
+
+def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):
+    pretrain(tiny_cfg(corpus, tmp_path / "full", max_steps=3, save_every=3))
+    pretrain(tiny_cfg(corpus, tmp_path / "accum", max_steps=3, save_every=3, micro_batch_size=1))
+    a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "accum" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
+def test_full_disk_while_saving_leaves_nothing_half_written(corpus, tmp_path, monkeypatch, capsys):
+    import remask.checkpoint as ckpt
+
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the first checkpoint succeeds, the second hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", flaky)
+    run = tmp_path / "run"
+    code = cli_main(["pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny", "--d-model", "32",
+                     "--n-layers", "2", "--n-heads", "2", "--mlp-hidden-size", "64", "--seq-len", "32",
+                     "--batch-size", "4", "--max-steps", "8", "--save-every", "4", "--no-progress",
+                     "--val-batches", "1", "--val-fraction", "0.2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error:") and "space" in err[-1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]  # no staging dir left
+    assert load_model(run / "checkpoints" / "step-4") is not None and not (run / "final").exists()
+
+
+SIGKILL_SCRIPT = """
+import sys
+from pathlib import Path
+from remask.train.config import TrainConfig
+from remask.train.pretrain import pretrain
+pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_model=32, n_layers=2, n_heads=2,
+                     mlp_hidden_size=64, seq_len=32, batch_size=4, max_steps=400, save_every=1, keep_checkpoints=3,
+                     log_every=1, val_every=1000, val_batches=1, progress=False, device="cpu", resume=True,
+                     val_fraction=0.2))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    for delay in (2.0, 2.7, 3.3):  # several kills at different moments of the save cycle
+        proc = subprocess.Popen([sys.executable, "-c", SIGKILL_SCRIPT, str(corpus), str(run)], env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        found = latest_checkpoint(run)
+        if found is None:
+            continue
+        step, ckpt = found
+        load_model(ckpt)
+        trainer, _ = read_trainer_state(ckpt)
+        assert trainer["step"] == step
+    assert latest_checkpoint(run) is not None, "no checkpoint was ever written"
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+from remask.train.config import TrainConfig
+from remask.train.pretrain import pretrain
+pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_model=32, n_layers=2, n_heads=2,
+                     mlp_hidden_size=64, seq_len=32, batch_size=4, max_steps=4, save_every=4, log_every=1,
+                     val_every=1000, val_batches=1, progress=False, device="cpu", fsdp=sys.argv[3] == "fsdp",
+                     val_fraction=0.2))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, mode):
+    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(corpus), str(single), "ddp"], env=env, check=True)
+    multi = tmp_path / "multi"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "--no-python", sys.executable, "-c", DDP_SCRIPT, str(corpus), str(multi), mode],
+                   env=env, check=True, timeout=300)
+    a, b = weights(single / "final"), weights(multi / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert [r["tokens"] for r in metrics(single)] == [r["tokens"] for r in metrics(multi)]
+    for x, y in zip(metrics(single), metrics(multi)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"),
+    (b"", "empty"),
+    (b"  \n\n", "empty"),
+    (b"abc\x00\x01\x02" * 100, "binary"),
+    (b"\xff\xfe bad utf-8", "not UTF-8"),
+])
+def test_bad_corpus_is_one_line_exit_2(tmp_path, capsys, content, fragment):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code = cli_main(["pretrain", "--data", str(path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and fragment in err and "\n" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_seq_len_above_model_maximum(corpus, tmp_path, capsys):
+    code = cli_main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                     "--seq-len", "100000", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "max_sequence_length" in err
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: tiny\nlearning_rate_typo: 1\n")
+    code = cli_main(["pretrain", "--config", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: unknown recipe key(s): learning_rate_typo"
+
+
+def test_recipes_load_and_name_their_launch_command():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        header = path.read_text().splitlines()
+        assert any(ln.startswith("# Launch:") and "remask" in ln for ln in header if ln.startswith("#")), path
+        load_recipe(path)
+
+
+def test_demo_recipe_equals_demo_config():
+    assert load_recipe(REPO / "recipes" / "demo.yaml") == DEMO_TRAINING
+    ar = load_recipe(REPO / "recipes" / "demo-ar.yaml")
+    assert ar == DEMO_TRAINING.replace(objective="ar", out=Path("runs/demo-ar"))
+
+
+def test_cli_overrides_recipe(tmp_path):
+    from remask.cli import parse, training_argv
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"preset": "tiny", "lr": 0.01, "max_steps": 7}))
+    argv, base = training_argv("pretrain", ["--config", str(recipe), "--max-steps", "9"])
+    cfg = parse(TrainConfig, argv, prog="remask pretrain", default=base)
+    assert (cfg.lr, cfg.max_steps, cfg.preset) == (0.01, 9, "tiny")
+
+
+def test_plot_writes_png(corpus, tmp_path):
+    pretrain(tiny_cfg(corpus, tmp_path / "mdm", max_steps=4))
+    pretrain(tiny_cfg(corpus, tmp_path / "ar", max_steps=4, objective="ar"))
+    out = tmp_path / "loss.png"
+    assert cli_main(["plot", str(tmp_path / "mdm"), str(tmp_path / "ar"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
