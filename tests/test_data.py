@@ -1,0 +1,172 @@
+"""Corpora, the token cache, packing and SFT data, against hand-built expectations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from remask.data import tokenize as tokmod
+from remask.data.corpora import parse_fortune_poems, read_corpus, tang300_poems
+from remask.data.packing import PackedBatches, short_length, step_generator
+from remask.data.sft import SFTBatches, build_sft_examples, conversation_examples, load_conversations, sft_batch
+from remask.data.tokenize import corpus_tokenizer, prepare_tokens
+from remask.errors import RemaskError
+from remask.tokenizer import Tokenizer
+
+DOCS = [f"第{i}首：床前明月光，疑是地上霜。" * (1 + i % 3) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(DOCS + ["user assistant system"], kind="char")
+
+
+def test_fortune_parsing_strips_colour_codes():
+    text = "\x1b[32m《静夜思》\x1b[m\n\x1b[33m作者：李白\x1b[m\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n%\n"
+    [poem] = parse_fortune_poems(text)
+    assert (poem.title, poem.author) == ("《静夜思》", "作者：李白")
+    assert poem.lines == ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]
+    poems = tang300_poems()
+    assert len(poems) == 313 and all(p.lines for p in poems)
+    assert len(read_corpus("builtin:tang300")) == 313
+
+
+def test_jsonl_and_directory_corpora(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    assert read_corpus(tmp_path) == ["one", "two", "three\n"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(RemaskError, match="bad.jsonl:1"):
+        read_corpus(tmp_path / "bad.jsonl")
+    with pytest.raises(RemaskError, match="unknown built-in"):
+        read_corpus("builtin:nope")
+
+
+def docs_of(tok: Tokenizer, arr) -> list[str]:
+    """Documents back from a token stream of [bos] ids [eos] blocks."""
+    out, cur = [], []
+    for t in arr.tolist():
+        if t == tok.bos_id:
+            cur = []
+        elif t == tok.eos_id:
+            out.append(tok.decode(cur))
+        else:
+            cur.append(t)
+    return out
+
+
+def test_token_cache_round_trip_and_hit(tok, tmp_path, monkeypatch):
+    splits = prepare_tokens("test", DOCS, tok, val_fraction=0.2, cache=tmp_path)
+    assert splits.train.dtype == np.uint16 and splits.meta["num_docs_val"] >= 1
+    assert splits.meta["num_docs_train"] + splits.meta["num_docs_val"] == len(DOCS)
+    # Decoding each split's documents gives back exactly the corpus, split without overlap.
+    train_docs, val_docs = docs_of(tok, splits.train), docs_of(tok, splits.val)
+    assert sorted(train_docs + val_docs) == sorted(DOCS) and not set(train_docs) & set(val_docs)
+    # A second call maps the cache and never encodes.
+    monkeypatch.setattr(tokmod, "encode_stream", lambda *a, **k: pytest.fail("re-encoded a cached corpus"))
+    again = prepare_tokens("test", DOCS, tok, val_fraction=0.2, cache=tmp_path)
+    assert np.array_equal(again.train, splits.train) and again.directory == splits.directory
+
+
+def test_split_is_stable_when_documents_are_added(tok, tmp_path):
+    a = prepare_tokens("a", DOCS, tok, val_fraction=0.2, cache=tmp_path / "a")
+    b = prepare_tokens("b", DOCS + ["新的一首诗。"], tok, val_fraction=0.2, cache=tmp_path / "b")
+    assert set(docs_of(tok, a.val)) <= set(docs_of(tok, b.val))  # old held-out documents stay held out
+    assert set(docs_of(tok, a.train)) <= set(docs_of(tok, b.train))
+    assert b.meta["num_docs_train"] + b.meta["num_docs_val"] == len(DOCS) + 1
+
+
+def test_single_document_is_split_by_tokens(tok, tmp_path):
+    s = prepare_tokens("one", [DOCS[5] * 10], tok, val_fraction=0.1, cache=tmp_path)
+    assert len(s.val) >= 2 and len(s.train) + len(s.val) == len(tok.encode(DOCS[5] * 10)) + 2
+
+
+def test_tokenizer_cache(tmp_path):
+    a = corpus_tokenizer("x", DOCS, kind="char", vocab_size=512, cache=tmp_path)
+    b = corpus_tokenizer("x", DOCS, kind="char", vocab_size=512, cache=tmp_path)
+    assert a.encode(DOCS[0]) == b.encode(DOCS[0]) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_packed_batches_visit_every_chunk_once_per_epoch():
+    tokens = np.arange(10 * 8, dtype=np.uint16)
+    packed = PackedBatches(tokens, seq_len=8, batch_size=5, seed=3)
+    epoch0 = torch.cat([packed.batch(0), packed.batch(1)])
+    assert sorted(epoch0[:, 0].tolist()) == [8 * c for c in range(10)]
+    assert torch.equal(epoch0[0], torch.arange(int(epoch0[0, 0]), int(epoch0[0, 0]) + 8))
+    assert torch.equal(PackedBatches(tokens, 8, 5, seed=3).batch(7), packed.batch(7))  # order-independent
+    assert not torch.equal(PackedBatches(tokens, 8, 5, seed=4).batch(0), packed.batch(0))
+    epoch1 = torch.cat([packed.batch(2), packed.batch(3)])
+    assert sorted(epoch1[:, 0].tolist()) == sorted(epoch0[:, 0].tolist()) and not torch.equal(epoch0, epoch1)
+    with pytest.raises(RemaskError, match="fewer than one sequence"):
+        PackedBatches(tokens[:7], 8, 1, seed=0)
+
+
+def test_short_length_hits_one_percent():
+    lengths = [short_length(s, seed=1, seq_len=64) for s in range(20000)]
+    short = [n for n in lengths if n != 64]
+    assert 0.006 < len(short) / 20000 < 0.014 and min(short) >= 1 and max(short) <= 64
+    assert lengths == [short_length(s, seed=1, seq_len=64) for s in range(20000)]
+
+
+def test_step_generator_is_a_function_of_seed_step_stream():
+    draw = lambda *k: torch.rand(3, generator=step_generator(*k))  # noqa: E731
+    assert torch.equal(draw(1, 2, 0), draw(1, 2, 0))
+    assert not torch.equal(draw(1, 2, 0), draw(1, 3, 0)) and not torch.equal(draw(1, 2, 0), draw(1, 2, 1))
+
+
+def test_sft_examples_by_hand(tok, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    lines = [{"prompt": "明月", "response": "床前"},
+             {"messages": [{"role": "user", "content": "一"}, {"role": "assistant", "content": "二"},
+                           {"role": "user", "content": "三"}, {"role": "assistant", "content": "四"}]}]
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
+    sp = tok.special_ids
+
+    def header(role):
+        return [sp["start_header"], *tok.encode(role), sp["end_header"], *tok.encode("\n\n")]
+
+    def turn(role, text):
+        return header(role) + tok.encode(text) + [sp["eot"]]
+
+    examples = build_sft_examples(path, tok, max_len=64)
+    first = [sp["bos"], *turn("user", "明月"), *header("assistant")]
+    assert examples[0].ids == first + tok.encode("床前") + [sp["eot"]] and examples[0].prompt_len == len(first)
+    # A two-turn dialogue gives two examples; the second's prompt holds the whole first exchange.
+    p1 = [sp["bos"], *turn("user", "一"), *header("assistant")]
+    assert examples[1].ids == p1 + tok.encode("二") + [sp["eot"]] and examples[1].prompt_len == len(p1)
+    p2 = p1 + tok.encode("二") + [sp["eot"]] + turn("user", "三") + header("assistant")
+    assert examples[2].ids == p2 + tok.encode("四") + [sp["eot"]] and examples[2].prompt_len == len(p2)
+    assert len(examples) == 3 == len(conversation_examples(load_conversations(path)[1], tok)) + 1
+
+
+def test_sft_batch_pads_with_eos(tok):
+    from remask.data.sft import SFTExample
+
+    batch = sft_batch([SFTExample([7, 8, 9, 10], 2), SFTExample([7, 8], 1)], pad_id=tok.eos_id)
+    ids, prompt_lengths, pad_mask = batch
+    assert ids.tolist() == [[7, 8, 9, 10], [7, 8, tok.eos_id, tok.eos_id]]
+    assert prompt_lengths.tolist() == [2, 1] and pad_mask.tolist() == [[False] * 4, [False, False, True, True]]
+    batches = SFTBatches([SFTExample([1, 2], 1)] * 3, 2, seed=0, pad_id=tok.eos_id)
+    assert torch.equal(batches.batch(4)[0], SFTBatches([SFTExample([1, 2], 1)] * 3, 2, seed=0, pad_id=0).batch(4)[0])
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("not json", "invalid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('{"prompt": "x"}', "expected"),
+    ('{"messages": [{"role": "user"}]}', "'messages' must be"),
+])
+def test_bad_sft_lines_name_the_line(tmp_path, line, fragment):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    with pytest.raises(RemaskError, match=f"bad.jsonl:2: .*{fragment}"):
+        load_conversations(path)
+
+
+def test_empty_sft_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(RemaskError, match="empty"):
+        load_conversations(tmp_path / "e.jsonl")
