@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("m") / "model"
     tok = Tokenizer.train(TEXT, kind="char")
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
-                      max_sequence_length=48, init_std=0.3).with_tokens(tok.special_ids, tok.vocab_size)
+                      max_sequence_length=96, init_std=0.3).with_tokens(tok.special_ids, tok.vocab_size)
     save_model(build_model(cfg, seed=3), directory, tokenizer=tok)
     return directory
 
@@ -74,7 +74,7 @@ def test_generate_reproducible_with_seed(model_dir, capsys):
     (["--gen-length", "10", "--block-length", "4"], "divisible by block_length"),
     (["--gen-length", "8", "--steps", "5", "--block-length", "4"], "divisible by the number of blocks"),
     (["--gen-length", "8", "--steps", "9"], "must be <= gen_length"),
-    (["--gen-length", "47", "--steps", "47"], "exceeds the model's context"),
+    (["--gen-length", "95", "--steps", "95"], "exceeds the model's context"),
     (["--steps", "abc"], "--steps"),
     (["--remasking", "nope"], "nope"),
 ])
@@ -139,3 +139,12 @@ def test_pipeline_prompt_is_bos_then_text(model_dir):
     chat = pipe.encode_prompt("床前", chat=True)
     assert chat == tok.render_chat([{"role": "user", "content": "床前"}], add_generation_prompt=True)
     assert torch.tensor(chat).ne(tok.mask_id).all()
+
+
+def test_chat_reads_turns_from_stdin(model_dir):
+    proc = subprocess.run([sys.executable, "-m", "remask.cli", "chat", "--model", str(model_dir), "--gen-length", "8",
+                           "--steps", "4", "--block-length", "4"], input="床前\n白日\n白日依山尽\n\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("you> ") == 4  # three answered turns (old ones forgotten), then the empty line ends it
+    assert "error" not in proc.stderr

@@ -297,3 +297,48 @@ def test_plot_writes_png(corpus, tmp_path):
     out = tmp_path / "loss.png"
     assert cli_main(["plot", str(tmp_path / "mdm"), str(tmp_path / "ar"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------- SFT
+
+
+def test_sft_inputs_never_mask_the_prompt_and_count_padding_as_answer():
+    from remask.train.objectives import make_inputs
+
+    ids = torch.arange(1, 9).repeat(64, 1)  # (64, 8)
+    prompt_lengths = torch.tensor([3, 5] * 32)
+    pad_mask = torch.zeros(64, 8, dtype=torch.bool)
+    pad_mask[1::2, 6:] = True  # odd rows end in two EOS pads
+    mask_id = 0
+    inputs = make_inputs("sft", "mdm", (ids, prompt_lengths, pad_mask), mask_id=mask_id, eps=1e-3,
+                         generator=torch.Generator().manual_seed(0))
+    prompt = torch.arange(8)[None, :] < prompt_lengths[:, None]
+    assert not inputs["masked"][prompt].any() and torch.equal(inputs["noisy"][prompt], ids[prompt])
+    assert inputs["masked"][pad_mask].any()  # the EOS padding is masked and trained like the answer
+    assert inputs["answer_lengths"].tolist() == [5, 3] * 32  # padding counted in the answer length
+    ar = make_inputs("sft", "ar", (ids, prompt_lengths, pad_mask), mask_id=mask_id, eps=1e-3, generator=None)
+    assert torch.equal(ar["loss_mask"], ~prompt & ~pad_mask)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_sft_end_to_end(corpus, tmp_path, objective):
+    base = pretrain(tiny_cfg(corpus, tmp_path / "base", max_steps=2, objective=objective))
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": line[:5], "response": line[6:]} for line in CORPUS_LINES] * 3
+    rows.append({"messages": [{"role": "user", "content": "床前"}, {"role": "assistant", "content": "明月光"},
+                              {"role": "user", "content": "白日"}, {"role": "assistant", "content": "依山尽"}]})
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    out = tmp_path / "sft"
+    code = cli_main(["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--objective", objective,
+                     "--seq-len", "48", "--batch-size", "4", "--max-steps", "4", "--val-every", "2", "--no-progress",
+                     "--val-batches", "1"])
+    assert code == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert load_model(out / "final").config.causal == (objective == "ar")
+
+
+def test_sft_bad_input(tmp_path, capsys):
+    code = cli_main(["sft", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err

@@ -168,6 +168,56 @@ def run_plot(args: PlotArgs) -> None:
     print(plot_runs(args.runs, args.out))
 
 
+@dataclass
+class ChatArgs:
+    """Chat in the terminal (multi-turn, through the chat template), watching each answer unmask."""
+
+    model: Path
+    """A model directory."""
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int | None = 32
+    temperature: float = 0.0
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] = "low_confidence"
+    cfg_scale: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+
+def run_chat(args: ChatArgs) -> None:
+    from remask.display import DenoisingView
+    from remask.pipeline import Pipeline
+    from remask.sampling import SamplerConfig
+
+    cfg = SamplerConfig(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                        temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale)
+    pipe = Pipeline.load(args.model, device=args.device)
+    history: list[dict] = []
+    print("remask chat -- an empty line or Ctrl-D ends, /reset forgets the dialogue.", file=sys.stderr)
+    for turn in range(10**9):
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        limit = pipe.model.config.max_sequence_length - cfg.gen_length
+        while len(history) > 1 and len(pipe.encode_prompt(history)) > limit:
+            history = history[2:]  # forget the oldest exchange to stay within the context
+        if len(pipe.encode_prompt(history)) > limit:
+            print(f"error: this message does not fit the model's context with gen_length {cfg.gen_length}",
+                  file=sys.stderr)
+            history.pop()
+            continue
+        view = DenoisingView(pipe, cfg, prompt_len=len(pipe.encode_prompt(history)))
+        result = pipe.generate(history, cfg, seed=args.seed + turn, on_step=view)
+        history.append({"role": "assistant", "content": result.text})
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "info": (InfoArgs, run_info),
     "generate": (GenerateArgs, run_generate),
@@ -175,6 +225,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "sft": (TrainConfig, run_sft),
     "demo": (DemoArgs, run_demo),
     "plot": (PlotArgs, run_plot),
+    "chat": (ChatArgs, run_chat),
 }
 DOCS = {"pretrain": "Pretrain a masked diffusion LM (or, with --objective ar, its autoregressive twin).",
         "sft": "Supervised fine-tuning of a model directory on JSONL dialogues (--model DIR --data FILE.jsonl)."}

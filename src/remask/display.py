@@ -90,6 +90,8 @@ class DenoisingView:
     def legend(self) -> str:
         """A one-line key of the colour ramp."""
         total = self.cfg.steps
-        marks = [0, total // 4, total // 2, 3 * total // 4, total - 1]
+        if not self.colour:
+            return f"(colour shows the step at which each token was revealed; {MASK_GLYPH} = still masked)"
+        marks = sorted({0, total // 4, total // 2, 3 * total // 4, total - 1})
         parts = [f"{step_colour(s, total)}■{RESET} step {s + 1}" for s in marks]
         return "revealed at: " + "  ".join(parts) + f"   {MASK_GLYPH} still masked"

@@ -47,9 +47,12 @@ class Pipeline:
     def stop_ids(self) -> list[int]:
         return [i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None]
 
-    def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
-        """Prompt ids: a chat turn with the generation header, or raw text after the BOS token
-        (pretraining puts BOS at the start of every document)."""
+    def encode_prompt(self, prompt: str | list[dict], *, chat: bool = False) -> list[int]:
+        """Prompt ids: a dialogue (a list of messages, or one user turn with `chat`) rendered with
+        the chat template and the assistant header, or raw text after the BOS token (pretraining
+        puts BOS at the start of every document)."""
+        if isinstance(prompt, list):
+            return self.tokenizer.render_chat(prompt, add_generation_prompt=True)
         if chat:
             return self.tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
         bos = self.tokenizer.bos_id
@@ -60,9 +63,10 @@ class Pipeline:
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         return self.tokenizer.decode(ids[:cut])
 
-    def generate(self, prompt: str, cfg: SamplerConfig, *, chat: bool = False, seed: int = 0,
+    def generate(self, prompt: str | list[dict], cfg: SamplerConfig, *, chat: bool = False, seed: int = 0,
                  on_step: Callable[[StepInfo], None] | None = None) -> Generation:
-        """Sample an answer to one prompt; `on_step` sees every denoising step."""
+        """Sample an answer to one prompt (text, or a dialogue's messages); `on_step` sees every
+        denoising step."""
         prompt_ids = self.encode_prompt(prompt, chat=chat)
         limit = self.model.config.max_sequence_length
         if len(prompt_ids) + cfg.gen_length > limit:

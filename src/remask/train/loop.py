@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,7 +224,8 @@ def train(job: TrainJob) -> Path:
                 if validate:
                     record |= job.val_fn(forward_model)
                     if bar is not None and "val_loss" in record:
-                        bar.write(f"step {done}: val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})")
+                        bar.write(f"step {done}: val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})",
+                                  file=sys.stderr)
                 log.write(record)
                 window_tokens, window_time, window_losses = 0, 0.0, []
             if done % cfg.save_every == 0 or done == cfg.max_steps:
