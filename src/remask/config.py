@@ -19,6 +19,14 @@ class ConfigError(RemaskError):
     """A configuration value is invalid; the message names the field."""
 
 
+def from_known_keys(cls: type, data: dict[str, Any], what: str):
+    """cls(**data) for a config dataclass, refusing keys it does not have (one-line error)."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """LLaMA-style mask predictor (LLaDA, arXiv 2502.09992, section 2.1).
@@ -107,11 +115,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "model config")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

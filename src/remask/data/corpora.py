@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,20 @@ def documents_from_text(text: str) -> list[str]:
     return [text] if text.strip() else []
 
 
-def documents_from_jsonl(path: Path) -> list[str]:
-    docs = []
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) for each non-blank line; invalid JSON names file:line."""
     for n, line in enumerate(decode_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise RemaskError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def documents_from_jsonl(path: Path) -> list[str]:
+    docs = []
+    for n, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise RemaskError(f"{path}:{n}: each line must be an object with a string field 'text'")
         docs.append(record["text"])

@@ -3,14 +3,13 @@ an n-turn dialogue becomes n single-turn examples; answers padded with EOS in ea
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from remask.data.corpora import decode_text
+from remask.data.corpora import read_jsonl
 from remask.data.packing import step_seed
 from remask.errors import RemaskError
 
@@ -41,15 +40,7 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise RemaskError(f"SFT data {path} does not exist")
-    conversations = []
-    for n, line in enumerate(decode_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RemaskError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        conversations.append(parse_record(record, f"{path}:{n}"))
+    conversations = [parse_record(record, f"{path}:{n}") for n, record in read_jsonl(path)]
     if not conversations:
         raise RemaskError(f"SFT data {path} is empty")
     return conversations

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from remask.config import ConfigError
+from remask.config import ConfigError, from_known_keys
 from remask.sampling.remasking import REMASKING
 
 EOS_MODES = ("allow", "forbid", "delay")
@@ -72,11 +72,7 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown sampler config key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "sampler config")
 
     def replace(self, **changes: Any) -> SamplerConfig:
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from remask.config import PRESETS, ConfigError
+from remask.config import PRESETS, ConfigError, from_known_keys
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown recipe key(s): {', '.join(unknown)}")
         values = dict(data)
         for key in ("out", "init_from"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
-        return cls(**values)
+        return from_known_keys(cls, values, "recipe")
 
 
 def load_recipe(path: str | Path) -> TrainConfig:
