@@ -23,7 +23,7 @@ from remask.model import build_model
 from remask.train.config import TrainConfig, load_recipe
 from remask.train.optim import param_groups, wsd_lr
 from remask.train.pretrain import pretrain
-from remask.train.state import latest_checkpoint, read_trainer_state
+from remask.train.state import latest_checkpoint, read_trainer_state, step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_LINES = [
@@ -186,19 +186,20 @@ pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_m
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
-    for delay in (2.0, 2.7, 3.3):  # several kills at different moments of the save cycle
+    for delay in (0.0, 0.04, 0.11, 0.23, 0.37):  # kills at different moments of the save cycle
+        before = latest_checkpoint(run)
         proc = subprocess.Popen([sys.executable, "-c", SIGKILL_SCRIPT, str(corpus), str(run)], env=env)
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(run) == before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)  # wait until this process is saving every step
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        found = latest_checkpoint(run)
-        if found is None:
-            continue
-        step, ckpt = found
-        load_model(ckpt)
-        trainer, _ = read_trainer_state(ckpt)
-        assert trainer["step"] == step
-    assert latest_checkpoint(run) is not None, "no checkpoint was ever written"
+        step, ckpt = latest_checkpoint(run)
+        assert before is None or step >= before[0]
+        for s, directory in step_dirs(run):  # every visible checkpoint is complete
+            load_model(directory)
+            assert read_trainer_state(directory)[0]["step"] == s
 
 
 DDP_SCRIPT = """
