@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS_DIR, write_result
-from remask.data.packing import PackedBatches, step_generator
-from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from throughput import matmul_peak
 
 from remask.data.corpora import read_corpus
+from remask.data.packing import PackedBatches, step_generator
+from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.model import build_model
+from remask.plot import plot_runs
 from remask.train.config import TrainConfig
 from remask.train.objectives import batch_loss, make_inputs
 from remask.train.optim import build_optimizer
@@ -92,6 +93,7 @@ def validation(args, root: Path) -> dict:
         out[objective] = {"val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"], "tokens": val[-1]["tokens"],
                           "curve": [[r["tokens"], r["val_loss"]] for r in val],
                           "wall_s": time.perf_counter() - start}
+    out["plot"] = str(plot_runs([root / "mdm", root / "ar"], RESULTS_DIR / "training_loss.png").relative_to(RESULTS_DIR.parent.parent))
     out["note"] = ("val_loss in nats per token on the held-out poems: for the MDM an upper bound on the NLL "
                    "(fixed-mask Monte-Carlo estimate of eq. 3), for the AR twin its exact NLL")
     return out

@@ -122,6 +122,13 @@ def test_ar_loss_by_hand():
     assert ar_loss(LOGITS, TARGETS, loss_mask).item() == pytest.approx((pred(0, 1) + pred(1, 0)) / 2, rel=1e-6)
 
 
+def test_ar_loss_of_a_one_token_batch_is_zero_not_nan():
+    logits = torch.randn(3, 1, 4, requires_grad=True)
+    loss = ar_loss(logits, torch.zeros(3, 1, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
 def test_losses_accept_bf16_logits():
     masked = torch.ones(2, 3, dtype=torch.bool)
     p = torch.ones(2, 1)

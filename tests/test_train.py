@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -136,6 +137,16 @@ def test_ar_twin_same_data_causal_model(corpus, tmp_path):
     assert load_model(ar).config.causal and not load_model(mdm).config.causal
     # Same tokens per step: the same data stream.
     assert [r["tokens"] for r in metrics(tmp_path / "ar")] == [r["tokens"] for r in metrics(tmp_path / "mdm")]
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_every_batch_short_stays_finite(corpus, tmp_path, objective):
+    # short_batch_prob=1: every batch gets a random length in 1..seq_len, one token included.
+    run = tmp_path / objective
+    pretrain(tiny_cfg(corpus, run, max_steps=40, save_every=40, short_batch_prob=1.0, objective=objective, seq_len=4))
+    rows = metrics(run)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert len({r["tokens"] - p["tokens"] for r, p in zip(rows[1:], rows)}) > 1  # lengths did vary
 
 
 def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):

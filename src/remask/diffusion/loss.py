@@ -3,6 +3,7 @@ next-token loss. Logits of any float dtype; cross-entropy computed in float32.""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -31,7 +32,6 @@ def ar_loss(logits: Tensor, ids: Tensor, loss_mask: Tensor | None = None) -> Ten
     """Next-token cross-entropy of the AR twin: logits[:, :-1] predict ids[:, 1:]. `loss_mask`
     (B, T) marks the target positions that count (e.g. SFT answers); the mean is over those."""
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    if loss_mask is None:
-        return nll.mean()
-    weight = loss_mask[:, 1:].to(nll.dtype)
+    weight = torch.ones_like(nll) if loss_mask is None else loss_mask[:, 1:].to(nll.dtype)
+    # A one-token batch (LLaDA's random-length batches can be that short) has no target: loss 0.
     return (nll * weight).sum() / weight.sum().clamp_min(1.0)
