@@ -354,3 +354,13 @@ def test_sft_bad_input(tmp_path, capsys):
     code = cli_main(["sft", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "--model" in err
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(corpus, tmp_path):
+    eager = tmp_path / "eager"
+    pretrain(tiny_cfg(corpus, eager, max_steps=2, val_every=100, save_every=2, short_batch_prob=0.0))
+    compiled = tmp_path / "compiled"
+    pretrain(tiny_cfg(corpus, compiled, max_steps=2, val_every=100, save_every=2, short_batch_prob=0.0, compile=True))
+    for a, b in zip(metrics(eager), metrics(compiled)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
