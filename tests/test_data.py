@@ -170,3 +170,12 @@ def test_empty_sft_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(RemaskError, match="empty"):
         load_conversations(tmp_path / "e.jsonl")
+
+
+def test_processed_fortune_text_strips_colours_and_keeps_entries():
+    from remask.data.corpora import processed_fortune_text
+
+    raw = ("\x1b[32m《静夜思》\x1b[m\n\x1b[33m作者：李白\x1b[m\n床前明月光，疑是地上霜。\n%\n"
+           "\x1b[32m《春晓》\x1b[m\n\x1b[33m作者：孟浩然\x1b[m\n春眠不觉晓，处处闻啼鸟。\n%\n")
+    assert processed_fortune_text(raw) == ("《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n%\n"
+                                           "《春晓》\n作者：孟浩然\n春眠不觉晓，处处闻啼鸟。\n")

@@ -173,6 +173,13 @@ def read_corpus(source: str | Path) -> list[str]:
     return docs
 
 
+def processed_fortune_text(raw: str) -> str:
+    """A fortune file without its ANSI colour codes, entries re-joined by `%` lines: how the
+    shipped builtin/tang300.txt is made from Debian's fortunes-zh tang300 (see builtin/README.md)."""
+    entries = [e.strip("\n") for e in FORTUNE_SEPARATOR.split(ANSI.sub("", raw)) if e.strip()]
+    return "\n%\n".join(entries) + "\n"
+
+
 def tang300_poems(path: str | Path | None = None) -> list[Poem]:
     """The Tang poems (or any fortune-format poem file) as structured poems."""
     file = BUILTIN_DIR / "tang300.txt" if path is None else Path(path)
