@@ -27,27 +27,27 @@ import torch
 from _common import RESULTS_DIR, write_result
 from throughput import matmul_peak
 
+from remask.app.plot import plot_runs
 from remask.data.corpora import read_corpus
-from remask.data.packing import PackedBatches, step_generator
+from remask.data.packing import PackedBatches, Stream, step_generator
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.model import build_model
-from remask.plot import plot_runs
-from remask.train.config import TrainConfig
-from remask.train.objectives import batch_loss, make_inputs
+from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainConfig, RunConfig
+from remask.train.objectives import OBJECTIVES, TextBatch
 from remask.train.optim import build_optimizer
-from remask.train.pretrain import model_config_for, pretrain
+from remask.train.pretrain import pretrain
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def cost(args) -> dict:
     """Alternate rounds of MDM and AR optimizer steps on identical batches."""
-    cfg = TrainConfig(data=args.data, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size)
-    docs = read_corpus(cfg.data)
-    tok = corpus_tokenizer(cfg.data, docs, kind="char", vocab_size=cfg.vocab_size)
-    splits = prepare_tokens(cfg.data, docs, tok)
-    packed = PackedBatches(splits.train, cfg.seq_len, cfg.batch_size, seed=0)
-    model_cfg = model_config_for(cfg, tok)
+    data = CorpusData(source=args.data, seq_len=args.seq_len)
+    docs = read_corpus(data.source)
+    tok = corpus_tokenizer(data.source, docs, kind="char", vocab_size=data.vocab_size)
+    splits = prepare_tokens(data.source, docs, tok)
+    packed = PackedBatches(splits.train, data.seq_len, args.batch_size, seed=0)
+    model_cfg = ModelSection(preset=args.preset).build(tok.special_ids, tok.vocab_size)
     runs = {}
     for objective in ("mdm", "ar"):
         model = build_model(model_cfg.replace(causal=objective == "ar"), seed=0)
@@ -60,15 +60,16 @@ def cost(args) -> dict:
             for i in range(args.steps_per_round):
                 step = round_ * args.steps_per_round + i
                 start = time.perf_counter()
-                inputs = make_inputs("pretrain", objective, packed.batch(step), mask_id=tok.mask_id, eps=1e-3,
-                                     generator=step_generator(0, step, 1))
-                batch_loss(model, "pretrain", objective, inputs).backward()
+                loss_fn = OBJECTIVES[("pretrain", objective)]
+                inputs = loss_fn.make_inputs(TextBatch(packed.batch(step)), mask_id=tok.mask_id, eps=1e-3,
+                                             generator=step_generator(0, step, Stream.MASKS))
+                loss_fn.loss(model, inputs).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if round_ > 0:  # round 0 is warm-up
                     times[objective].append(time.perf_counter() - start)
-    tokens = cfg.batch_size * cfg.seq_len
-    flops_per_step = 3 * model_cfg.flops_per_token(cfg.seq_len) * tokens
+    tokens = args.batch_size * data.seq_len
+    flops_per_step = 3 * model_cfg.flops_per_token(data.seq_len) * tokens
     peak = matmul_peak("cpu", torch.float32, 1024)
     out = {"matmul_peak_flops_per_s": peak, "parameters": model_cfg.num_parameters()}
     for objective, ts in times.items():
@@ -82,13 +83,16 @@ def cost(args) -> dict:
 def validation(args, root: Path) -> dict:
     out = {}
     for objective in ("mdm", "ar"):
-        cfg = TrainConfig(data=args.data, out=root / objective, objective=objective, preset=args.preset,
-                          seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=2e-3,
-                          warmup_steps=50, decay_fraction=0.3, val_every=max(1, args.steps // 4), save_every=args.steps,
-                          log_every=25, progress=False)
+        cfg = PretrainConfig(
+            objective=objective, model=ModelSection(preset=args.preset),
+            data=CorpusData(source=args.data, seq_len=args.seq_len),
+            optim=OptimConfig(batch_size=args.batch_size, max_steps=args.steps, lr=2e-3, warmup_steps=50,
+                              decay_fraction=0.3),
+            run=RunConfig(out=root / objective, val_every=max(1, args.steps // 4), save_every=args.steps, log_every=25,
+                          progress=False))
         start = time.perf_counter()
         pretrain(cfg)
-        rows = [json.loads(ln) for ln in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(ln) for ln in (cfg.run.out / "metrics.jsonl").read_text().splitlines()]
         val = [r for r in rows if "val_loss" in r]
         out[objective] = {"val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"], "tokens": val[-1]["tokens"],
                           "curve": [[r["tokens"], r["val_loss"]] for r in val],
@@ -102,11 +106,12 @@ def validation(args, root: Path) -> dict:
 DDP_RUN = """
 import sys
 from pathlib import Path
-from remask.train.config import TrainConfig
+from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainConfig, RunConfig
 from remask.train.pretrain import pretrain
-pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset=sys.argv[3], seq_len=int(sys.argv[4]),
-                     batch_size=int(sys.argv[5]), max_steps=int(sys.argv[6]), log_every=5, val_every=10**6,
-                     save_every=10**6, progress=False, device="cpu"))
+pretrain(PretrainConfig(model=ModelSection(preset=sys.argv[3]), data=CorpusData(source=sys.argv[1], seq_len=int(sys.argv[4])),
+                        optim=OptimConfig(batch_size=int(sys.argv[5]), max_steps=int(sys.argv[6])),
+                        run=RunConfig(out=Path(sys.argv[2]), log_every=5, val_every=10**6, save_every=10**6,
+                                      progress=False, device="cpu")))
 """
 
 

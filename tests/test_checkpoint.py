@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import remask.checkpoint as ckpt
+import remask.atomic as atomic
+import remask.checkpoint.storage as storage
 from remask.checkpoint import (
     checkpoint_bytes,
     from_llada_config,
@@ -271,7 +272,7 @@ def test_llada_defaults_and_mqa():
                "layer_norm_type": "rms", "activation_type": "silu", "block_type": "llama"}
     cfg = from_llada_config(minimal)
     assert (cfg.mlp_hidden_size, cfg.weight_tying, cfg.causal, cfg.max_sequence_length) == (4 * 32, True, False, 1024)
-    assert from_llada_config(minimal | {"multi_query_attention": True}).kv_heads == 1
+    assert from_llada_config(minimal | {"multi_query_attention": True}).effective_n_kv_heads == 1
     assert from_llada_config(minimal | {"mlp_hidden_size": None, "mlp_ratio": 3}).mlp_hidden_size == 96
     with pytest.raises(RemaskError, match="multi_query_attention"):
         from_llada_config(minimal | {"multi_query_attention": True, "n_kv_heads": 2})
@@ -430,7 +431,7 @@ def test_bad_arguments(tmp_path, saved):
 
 
 def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".tmp-")]
+    return [p.name for p in parent.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -441,7 +442,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, ids, monkeypatch):
     old_model = build_model(tiny(), seed=4)
     target = save_model(old_model, tmp_path / "ck", max_shard_bytes=3000)
     before = snapshot(target)
-    real_save, calls = ckpt.save_file, []
+    real_save, calls = storage.save_file, []
 
     def failing_save(tensors, path, **kw):  # the disk fills up on the second shard
         calls.append(path)
@@ -449,8 +450,8 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, ids, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_save(tensors, path, **kw)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
-    with pytest.raises(RemaskError, match="cannot write checkpoint to .*No space left on device"):
+    monkeypatch.setattr(storage, "save_file", failing_save)
+    with pytest.raises(RemaskError, match="cannot write .*ck: no space left on device"):
         save_model(build_model(tiny(), seed=5), target, max_shard_bytes=3000)
     assert len(calls) == 2
     assert snapshot(target) == before
@@ -458,7 +459,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, ids, monkeypatch):
     assert torch.equal(logits(load_model(target), ids), logits(old_model, ids))
 
     calls.clear()
-    with pytest.raises(RemaskError, match="No space left"):  # a fresh target never appears either
+    with pytest.raises(RemaskError, match="no space left"):  # a fresh target never appears either
         save_model(build_model(tiny()), tmp_path / "fresh", max_shard_bytes=3000)
     assert not (tmp_path / "fresh").exists() and leftovers(tmp_path) == []
 
@@ -475,7 +476,7 @@ def test_failed_swap_restores_previous_checkpoint(tmp_path, ids, monkeypatch):
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(RemaskError, match="cannot write checkpoint"):
+    with pytest.raises(RemaskError, match="cannot write .*ck: input/output error"):
         save_model(build_model(tiny(), seed=7), target)
     monkeypatch.undo()
     assert snapshot(target) == before
@@ -490,7 +491,7 @@ def test_interrupted_save_cleans_up(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_fsync_tree", interrupted)
+    monkeypatch.setattr(atomic, "_finish_tree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_model(build_model(tiny(), seed=9), target)
     assert snapshot(target) == before and leftovers(tmp_path) == []

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from remask.checkpoint import save_model
-from remask.cli import main
-from remask.config import ModelConfig
-from remask.display import DenoisingView, render
+from remask.app.cli import main
+from remask.app.display import DenoisingView, render
+from remask.app.pipeline import Pipeline
 from remask.model import build_model
-from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
 from remask.tokenizer import Tokenizer
-
-TEXT = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("m") / "model"
-    tok = Tokenizer.train(TEXT, kind="char")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
-                      max_sequence_length=96, init_std=0.3).with_tokens(tok.special_ids, tok.vocab_size)
-    save_model(build_model(cfg, seed=3), directory, tokenizer=tok)
-    return directory
 
 
 def run(capsys, *argv):
@@ -48,17 +36,18 @@ def test_info_json(model_dir, capsys):
 
 def test_generate_json_matches_library_and_reveal_steps(model_dir, capsys):
     code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--prompt", "床前", "--gen-length", "12",
-                       "--steps", "6", "--block-length", "4", "--json")
+                       "--steps", "6", "--block-length", "4", "--eos", "forbid", "--json")
     result = json.loads(out)
-    assert code == 0 and set(result) == {"text", "ids", "reveal_step"}
+    assert code == 0 and set(result) == {"text", "ids", "reveal_step", "ended"} and not result["ended"]
     assert len(result["ids"]) == len(result["reveal_step"]) == 12
     # 6 steps over 3 blocks of 4: two steps per block, two tokens each.
     assert sorted(result["reveal_step"]) == [s for s in range(6) for _ in range(2)]
     for block in range(3):
         assert {result["reveal_step"][i] for i in range(4 * block, 4 * block + 4)} == {2 * block, 2 * block + 1}
     pipe = Pipeline.load(model_dir)
-    lib = pipe.generate("床前", SamplerConfig(gen_length=12, steps=6, block_length=4))
+    lib = pipe.generate("床前", SamplerConfig(gen_length=12, steps=6, block_length=4, eos="forbid"))
     assert lib.ids == result["ids"] and lib.text == result["text"]
+    assert lib.text == pipe.tokenizer.decode(result["ids"])
 
 
 def test_generate_reproducible_with_seed(model_dir, capsys):
@@ -76,17 +65,45 @@ def test_generate_reproducible_with_seed(model_dir, capsys):
     (["--gen-length", "8", "--steps", "9"], "must be <= gen_length"),
     (["--gen-length", "95", "--steps", "95"], "exceeds the model's context"),
     (["--steps", "abc"], "--steps"),
-    (["--remasking", "nope"], "nope"),
+    (["--remasking", "nope"], "invalid choice 'nope' for --remasking; choose from low_confidence, random"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--seed", "1e23"], "--seed"),
+    (["--seed", str(2**70)], "seed must be an integer in [0, 2**63)"),
+    (["--bogus", "1"], "unrecognized argument(s): --bogus 1"),
+    (["--device", "meta"], "device 'meta' cannot run remask"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
 ])
 def test_generate_bad_options(model_dir, capsys, argv, fragment):
     code, out, err = run(capsys, "generate", "--model", str(model_dir), "--prompt", "床前", *argv)
     assert code == 2 and out == ""
-    assert err.startswith("error:") and err.count("\n") == 1 and fragment in err
+    assert err.startswith("error:") and err.count("\n") == 1 and fragment in err, err
+
+
+def test_missing_required_option(capsys):
+    code, out, err = run(capsys, "generate", "--prompt", "x")
+    assert code == 2 and err == "error: missing required option(s): --model\n"
+
+
+def command_options(capsys, command: str) -> str:
+    assert main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_every_sampler_field_is_an_option_of_each_sampling_command(capsys, command):
+    helptext = command_options(capsys, command)
+    for field in dataclasses.fields(SamplerConfig):
+        assert re.search(rf"(?<![\w-])--{field.name.replace('_', '-')}(?![\w-])", helptext), field.name
 
 
 def test_missing_and_corrupt_model_directory(model_dir, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert code == 2 and err.startswith("error:") and "does not exist" in err
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "a-file"), "--prompt", "x")
+    assert code == 2 and "is not a directory" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in model_dir.iterdir():
@@ -110,10 +127,10 @@ def test_mismatched_shapes(model_dir, tmp_path, capsys):
 
 def test_console_script_exit_codes(model_dir):
     """The installed entry point: no traceback, exit 2, one line."""
-    proc = subprocess.run([sys.executable, "-m", "remask.cli", "generate", "--model", str(model_dir),
+    proc = subprocess.run([sys.executable, "-m", "remask", "generate", "--model", str(model_dir),
                            "--prompt", "x", "--gen-length", "10", "--block-length", "3"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "remask.cli", "nonsense"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "remask", "nonsense"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown command")
 
 
@@ -121,15 +138,20 @@ def test_denoising_view_colours_by_reveal_step(model_dir):
     import io
 
     pipe = Pipeline.load(model_dir)
-    cfg = SamplerConfig(gen_length=8, steps=4, block_length=4)
+    sampler = SamplerConfig(gen_length=8, steps=4, block_length=4)
     stream = io.StringIO()
-    view = DenoisingView(pipe, cfg, prompt_len=len(pipe.encode_prompt("床前")), stream=stream, colour=True)
-    result = pipe.generate("床前", cfg, on_step=view)
-    assert view.steps == result.reveal_step
-    # Not a terminal: only the final frame is printed, one escape per revealed token.
-    assert stream.getvalue().count("\x1b[38;5;") == sum(1 for t in result.ids if t not in pipe.stop_ids())
+    view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler, stream=stream, colour=True)
+    result = pipe.generate("床前", sampler, on_step=view)
+    # Not a terminal: only the final frame is printed, one escape per revealed token before the end.
+    frame = stream.getvalue()
+    assert frame.count("\x1b[38;5;") == sum(1 for t in result.ids if t not in pipe.stop_ids())
+    assert frame.count("\n") == 1
     plain = render(["a", None, "b"], [0, -1, 3], 4, colour=False)
     assert plain == "a░b"
+    tok, eos = pipe.tokenizer, pipe.tokenizer.eos_id
+    a, b = tok.encode("床前")
+    # Masked positions are None; the end-of-text and everything after it (revealed or not) show nothing.
+    assert view.pieces([a, tok.mask_id, b, eos, tok.mask_id, a], [0, -1, 1, 2, -1, 3]) == ["床", None, "前", "", "", ""]
 
 
 def test_pipeline_prompt_is_bos_then_text(model_dir):
@@ -142,7 +164,7 @@ def test_pipeline_prompt_is_bos_then_text(model_dir):
 
 
 def test_chat_reads_turns_from_stdin(model_dir):
-    proc = subprocess.run([sys.executable, "-m", "remask.cli", "chat", "--model", str(model_dir), "--gen-length", "8",
+    proc = subprocess.run([sys.executable, "-m", "remask", "chat", "--model", str(model_dir), "--gen-length", "8",
                            "--steps", "4", "--block-length", "4"], input="床前\n白日\n白日依山尽\n\n", capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ import torch
 
 from remask.data import tokenize as tokmod
 from remask.data.corpora import parse_fortune_poems, read_corpus, tang300_poems
-from remask.data.packing import PackedBatches, short_length, step_generator
+from remask.data.packing import PackedBatches, Stream, short_length, step_generator
 from remask.data.sft import SFTBatches, build_sft_examples, conversation_examples, load_conversations, sft_batch
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.errors import RemaskError
@@ -113,8 +113,14 @@ def test_short_length_hits_one_percent():
 
 def test_step_generator_is_a_function_of_seed_step_stream():
     draw = lambda *k: torch.rand(3, generator=step_generator(*k))  # noqa: E731
-    assert torch.equal(draw(1, 2, 0), draw(1, 2, 0))
-    assert not torch.equal(draw(1, 2, 0), draw(1, 3, 0)) and not torch.equal(draw(1, 2, 0), draw(1, 2, 1))
+    masks, val = Stream.MASKS, Stream.VALIDATION
+    assert torch.equal(draw(1, 2, masks), draw(1, 2, masks))
+    assert not torch.equal(draw(1, 2, masks), draw(1, 3, masks)) and not torch.equal(draw(1, 2, masks), draw(1, 2, val))
+
+
+def test_random_streams_have_distinct_numbers():
+    # An IntEnum silently makes a second name with a used number an alias; @enum.unique forbids it.
+    assert len(Stream.__members__) == len(Stream) == len({int(s) for s in Stream})
 
 
 def test_sft_examples_by_hand(tok, tmp_path):

@@ -21,7 +21,7 @@ def reference_forward(model, ids: torch.Tensor, causal: bool, key_mask: torch.Te
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     B, T = ids.shape
-    H, Hkv, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    H, Hkv, D = cfg.n_heads, cfg.effective_n_kv_heads, cfg.head_dim
 
     def norm(x, w):
         return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps)
@@ -142,7 +142,11 @@ def test_parameter_count_and_presets():
     "kw, fragment",
     [
         ({"d_model": 30}, "divisible by n_heads"),
-        ({"n_kv_heads": 3}, "multiple of n_kv_heads"),
+        ({"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads"),
+        ({"causal": "no"}, "causal must be true or false"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
+        ({"mask_token_id": 1.5}, "mask_token_id must be an integer"),
+        ({"n_layers": True}, "n_layers must be an integer"),
         ({"n_layers": 0}, "n_layers"),
         ({"mask_token_id": VOCAB}, "outside the vocabulary"),
     ],
@@ -155,8 +159,8 @@ def test_config_validation(kw, fragment):
 def test_config_round_trip_and_unknown_key():
     cfg = tiny(n_kv_heads=2, causal=True)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unknown model config key"):
-        ModelConfig.from_dict(cfg.to_dict() | {"bogus": 1})
+    with pytest.raises(ConfigError, match="unknown model config key.*bogus"):
+        ModelConfig.from_dict(cfg.to_dict() | {"bogus": 1}, where="model config")
 
 
 def test_too_long_sequence_rejected():

@@ -11,9 +11,9 @@ from remask.errors import RemaskError
 from remask.model import build_model
 from remask.sampling import (
     REMASKING,
-    RevealRecorder,
     SamplerConfig,
     StepInfo,
+    answers_ended,
     block_slices,
     generate,
     gumbel_argmax,
@@ -42,6 +42,17 @@ def prompt():
 
 def fn(model):
     return lambda ids, attention_mask: model(ids, attention_mask)
+
+
+class Steps(list):
+    """An on_step callback keeping every StepInfo; `reveal_step` is the last one's."""
+
+    def __call__(self, info: StepInfo) -> None:
+        self.append(info)
+
+    @property
+    def reveal_step(self) -> torch.Tensor:
+        return self[-1].reveal_step
 
 
 # --- schedule ----------------------------------------------------------------------------
@@ -187,7 +198,7 @@ def test_parity_with_transcription(model, prompt, gen_length, steps, block_lengt
 def test_parity_with_transcription_eos_modes(model, prompt, eos):
     allowed = generate(fn(model), prompt, SamplerConfig(gen_length=12, steps=6, block_length=6), mask_id=MASK_ID)
     eos_ids = most_common(allowed[:, P:], 2)
-    cfg = SamplerConfig(gen_length=12, steps=6, block_length=6, eos=eos)
+    cfg = SamplerConfig(gen_length=12, steps=6, block_length=6, eos=eos, stop_at_eos=False)
     got = generate(fn(model), prompt, cfg, mask_id=MASK_ID, eos_ids=eos_ids)
     with torch.no_grad():
         want = reference_generate(model, prompt.tolist(), 12, 6, 6, 0.0, "low_confidence", eos, eos_ids)
@@ -260,7 +271,7 @@ def test_reveal_order_follows_confidence(prompt, remasking):
     # gen 8, blocks of 4, 2 steps per block -> 2 tokens per step.
     cfg = SamplerConfig(gen_length=8, steps=4, block_length=4, remasking=remasking)
     for direction, order in [(1, [1, 1, 0, 0, 3, 3, 2, 2]), (-1, [0, 0, 1, 1, 2, 2, 3, 3])]:
-        rec = RevealRecorder()
+        rec = Steps()
         out = generate(ramp_model(direction), prompt, cfg, mask_id=MASK_ID, on_step=rec)
         assert rec.reveal_step[:, P:].tolist() == [order] * 2
         assert rec.reveal_step[:, :P].eq(-1).all()
@@ -269,7 +280,7 @@ def test_reveal_order_follows_confidence(prompt, remasking):
 
 def test_ties_reveal_leftmost_first(prompt):
     flat = lambda ids, attention_mask: torch.zeros(*ids.shape, VOCAB)
-    rec = RevealRecorder()
+    rec = Steps()
     generate(flat, prompt, SamplerConfig(gen_length=6, steps=3), mask_id=MASK_ID, on_step=rec)
     assert rec.reveal_step[:, P:].tolist() == [[0, 0, 1, 1, 2, 2]] * 2
 
@@ -293,8 +304,8 @@ def test_eos_delay_reveals_eos_last_in_block(prompt):
     eos_id = PAD_ID - 1
     eos_positions = [P + 0, P + 1, P + 5]  # two in block 0, one in block 1
     model_fn = eos_model(eos_id, eos_positions)
-    base = SamplerConfig(gen_length=8, steps=8, block_length=4)  # one token per step
-    allow, delay = RevealRecorder(), RevealRecorder()
+    base = SamplerConfig(gen_length=8, steps=8, block_length=4, stop_at_eos=False)  # one token per step
+    allow, delay = Steps(), Steps()
     generate(model_fn, prompt, base, mask_id=MASK_ID, eos_ids=[eos_id], on_step=allow)
     out = generate(model_fn, prompt, base.replace(eos="delay"), mask_id=MASK_ID, eos_ids=[eos_id], on_step=delay)
     # allow: the confident EOS go first; ties among the rest leftmost first.
@@ -350,7 +361,7 @@ def test_same_seed_same_output(model, prompt, temperature, remasking):
     cfg = SamplerConfig(gen_length=16, steps=8, block_length=8, temperature=temperature, remasking=remasking)
 
     def run(seed):
-        rec = RevealRecorder()
+        rec = Steps()
         out = generate(fn(model), prompt, cfg, mask_id=MASK_ID, generator=torch.Generator().manual_seed(seed),
                        on_step=rec)
         return out, rec.reveal_step
@@ -372,16 +383,21 @@ def test_sampler_config_validation_messages():
         SamplerConfig(gen_length=16, steps=6, block_length=4)
     with pytest.raises(ConfigError, match=r"^steps \(20\) must be <= gen_length \(16\)$"):
         SamplerConfig(gen_length=16, steps=20)
-    with pytest.raises(ConfigError, match="steps must be a positive integer"):
+    with pytest.raises(ConfigError, match="steps must be > 0, got 0"):
         SamplerConfig(steps=0)
-    with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
+    with pytest.raises(ConfigError, match="temperature must be >= 0, got -0.1"):
         SamplerConfig(temperature=-0.1)
-    with pytest.raises(ConfigError, match="cfg_scale must be a number >= 0"):
-        SamplerConfig(cfg_scale=float("nan"))
-    with pytest.raises(ConfigError, match="unknown remasking 'greedy'"):
+    for bad in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(ConfigError, match="cfg_scale must be a finite number"):
+            SamplerConfig(cfg_scale=bad)
+        with pytest.raises(ConfigError, match="temperature must be a finite number"):
+            SamplerConfig(temperature=bad)
+    with pytest.raises(ConfigError, match="remasking must be one of 'low_confidence', 'random'.*, got 'greedy'"):
         SamplerConfig(remasking="greedy")
-    with pytest.raises(ConfigError, match="unknown eos mode"):
+    with pytest.raises(ConfigError, match="eos must be one of 'allow', 'forbid', 'delay', got 'never'"):
         SamplerConfig(eos="never")
+    with pytest.raises(ConfigError, match="gen_length must be an integer, got 8.0"):
+        SamplerConfig(gen_length=8.0)
 
 
 def test_sampler_config_derived_and_round_trip():
@@ -390,7 +406,7 @@ def test_sampler_config_derived_and_round_trip():
     assert SamplerConfig(gen_length=12, steps=6).num_blocks == 1
     assert SamplerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown sampler config key.*: colour"):
-        SamplerConfig.from_dict({**cfg.to_dict(), "colour": 1})
+        SamplerConfig.from_dict({**cfg.to_dict(), "colour": 1}, where="sampler config")
 
 
 def test_generate_rejects_bad_inputs(prompt):
@@ -409,3 +425,55 @@ def test_generate_rejects_bad_inputs(prompt):
     generate(flat, bad, cfg, mask_id=MASK_ID, attention_mask=attention_mask)
     with pytest.raises(RemaskError, match="vocabulary"):
         generate(flat, prompt, cfg.replace(eos="forbid"), mask_id=MASK_ID, eos_ids=[VOCAB])
+
+
+# --- ending at the end-of-text ------------------------------------------------------------
+
+
+def test_stops_once_every_answer_has_ended(prompt):
+    eos_id = PAD_ID - 1
+    calls = []
+    inner = eos_model(eos_id, [P + 5])
+
+    def model_fn(ids, attention_mask):
+        calls.append(1)
+        return inner(ids, attention_mask)
+
+    base = SamplerConfig(gen_length=8, steps=8, block_length=4)  # one token per step
+    full = generate(model_fn, prompt, base.replace(stop_at_eos=False), mask_id=MASK_ID, eos_ids=[eos_id])
+    assert len(calls) == 8
+    calls.clear()
+    steps = Steps()
+    out = generate(model_fn, prompt, base, mask_id=MASK_ID, eos_ids=[eos_id], on_step=steps)
+    # Step 4 reveals the EOS at P+5 (most confident), step 5 the position before it: then it has ended.
+    assert len(calls) == 6 and [i.step for i in steps] == [0, 1, 2, 3, 4, 5]
+    assert [i.done for i in steps] == [False] * 5 + [True]
+    assert torch.equal(out[:, : P + 6], full[:, : P + 6])  # the answer up to its end is unchanged
+    assert (out[:, P + 6:] == MASK_ID).all()
+    assert answers_ended(out, P, torch.tensor([eos_id]), MASK_ID).all()
+    assert steps[-1].answer(0) == (out[0, P:].tolist(), steps.reveal_step[0, P:].tolist())
+
+
+def test_one_unfinished_row_keeps_the_batch_going(prompt):
+    eos_id = PAD_ID - 1
+    inner = eos_model(eos_id, [P + 5])
+
+    def model_fn(ids, attention_mask):  # row 1 never predicts the EOS
+        logits = inner(ids, attention_mask)
+        logits[1, :, eos_id] = -9.0
+        return logits
+
+    out = generate(model_fn, prompt, SamplerConfig(gen_length=8, steps=8, block_length=4), mask_id=MASK_ID,
+                   eos_ids=[eos_id])
+    assert not (out == MASK_ID).any()
+    ended = answers_ended(out, P, torch.tensor([eos_id]), MASK_ID)
+    assert ended.tolist() == [True, False]
+
+
+def test_answers_ended_by_hand():
+    M, E = MASK_ID, 3
+    x = torch.tensor([[9, 1, E, M],   # ended: EOS with everything before it revealed
+                      [9, M, E, 2],   # not: a mask before the EOS
+                      [9, 1, 2, 2],   # not: no EOS
+                      [9, E, M, M]])  # ended at once
+    assert answers_ended(x, 1, torch.tensor([E]), M).tolist() == [True, False, False, True]

@@ -3,6 +3,7 @@ DDP parity with one process, the AR twin, and bad input through the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -16,42 +17,29 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import POEM_LINES as CORPUS_LINES
 
+from remask.app.cli import main as cli_main
+from remask.app.demo import DEMO_TRAINING
 from remask.checkpoint import load_model
-from remask.cli import main as cli_main
-from remask.demo import DEMO_TRAINING
 from remask.model import build_model
-from remask.train.config import TrainConfig, load_recipe
+from remask.train.config import PretrainConfig, config_replace, load_recipe
 from remask.train.optim import param_groups, wsd_lr
 from remask.train.pretrain import pretrain
 from remask.train.state import latest_checkpoint, read_trainer_state, step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS_LINES = [
-    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
-    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
-    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
-    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
-]
+# Every PretrainConfig field by its bare name (the tests' shorthand) -> its dotted path.
+PATHS = {g.name: f"{f.name}.{g.name}" for f in dataclasses.fields(PretrainConfig)
+         if dataclasses.is_dataclass(f.default_factory) for g in dataclasses.fields(f.default_factory)}
+PATHS |= {"data": "data.source", "preset": "model.preset", "objective": "objective", "mask_eps": "mask_eps"}
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REMASK_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "poems.txt"
-    path.write_text("\n%\n".join(CORPUS_LINES * 6) + "\n", encoding="utf-8")
-    return path
-
-
-def tiny_cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
+def tiny_cfg(corpus: Path | str, out: Path, **kw) -> PretrainConfig:
     base = dict(data=str(corpus), out=out, preset="tiny", d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
                 seq_len=32, batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2, log_every=1, val_every=4,
                 val_batches=1, save_every=4, progress=False, device="cpu", val_fraction=0.2)
-    return TrainConfig(**(base | kw))
+    return config_replace(PretrainConfig(), **{PATHS[k]: v for k, v in (base | kw).items()})
 
 
 def metrics(run: Path) -> list[dict]:
@@ -158,7 +146,7 @@ def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):
 
 
 def test_full_disk_while_saving_leaves_nothing_half_written(corpus, tmp_path, monkeypatch, capsys):
-    import remask.checkpoint as ckpt
+    import remask.checkpoint.storage as ckpt
 
     real = ckpt.save_file
     calls = {"n": 0}
@@ -171,10 +159,10 @@ def test_full_disk_while_saving_leaves_nothing_half_written(corpus, tmp_path, mo
 
     monkeypatch.setattr(ckpt, "save_file", flaky)
     run = tmp_path / "run"
-    code = cli_main(["pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny", "--d-model", "32",
-                     "--n-layers", "2", "--n-heads", "2", "--mlp-hidden-size", "64", "--seq-len", "32",
-                     "--batch-size", "4", "--max-steps", "8", "--save-every", "4", "--no-progress",
-                     "--val-batches", "1", "--val-fraction", "0.2"])
+    code = cli_main(["pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny", "--model.d-model", "32",
+                     "--model.n-layers", "2", "--model.n-heads", "2", "--model.mlp-hidden-size", "64", "--seq-len", "32",
+                     "--batch-size", "4", "--max-steps", "8", "--run.save-every", "4", "--no-progress",
+                     "--run.val-batches", "1", "--data.val-fraction", "0.2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and "space" in err[-1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]  # no staging dir left
@@ -183,13 +171,11 @@ def test_full_disk_while_saving_leaves_nothing_half_written(corpus, tmp_path, mo
 
 SIGKILL_SCRIPT = """
 import sys
-from pathlib import Path
-from remask.train.config import TrainConfig
+sys.path.insert(0, sys.argv[3])
+from test_train import tiny_cfg
 from remask.train.pretrain import pretrain
-pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_model=32, n_layers=2, n_heads=2,
-                     mlp_hidden_size=64, seq_len=32, batch_size=4, max_steps=400, save_every=1, keep_checkpoints=3,
-                     log_every=1, val_every=1000, val_batches=1, progress=False, device="cpu", resume=True,
-                     val_fraction=0.2))
+pretrain(tiny_cfg(sys.argv[1], sys.argv[2], max_steps=400, save_every=1, keep_checkpoints=3, val_every=1000,
+                  resume=True))
 """
 
 
@@ -199,7 +185,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
     for delay in (0.0, 0.04, 0.11, 0.23, 0.37):  # kills at different moments of the save cycle
         before = latest_checkpoint(run)
-        proc = subprocess.Popen([sys.executable, "-c", SIGKILL_SCRIPT, str(corpus), str(run)], env=env)
+        proc = subprocess.Popen([sys.executable, "-c", SIGKILL_SCRIPT, str(corpus), str(run), str(REPO / "tests")], env=env)
         deadline = time.monotonic() + 120
         while latest_checkpoint(run) == before and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)  # wait until this process is saving every step
@@ -215,13 +201,10 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
 
 DDP_SCRIPT = """
 import sys
-from pathlib import Path
-from remask.train.config import TrainConfig
+sys.path.insert(0, sys.argv[4])
+from test_train import tiny_cfg
 from remask.train.pretrain import pretrain
-pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_model=32, n_layers=2, n_heads=2,
-                     mlp_hidden_size=64, seq_len=32, batch_size=4, max_steps=4, save_every=4, log_every=1,
-                     val_every=1000, val_batches=1, progress=False, device="cpu", fsdp=sys.argv[3] == "fsdp",
-                     val_fraction=0.2))
+pretrain(tiny_cfg(sys.argv[1], sys.argv[2], max_steps=4, save_every=4, val_every=1000, fsdp=sys.argv[3] == "fsdp"))
 """
 
 
@@ -230,10 +213,11 @@ pretrain(TrainConfig(data=sys.argv[1], out=Path(sys.argv[2]), preset="tiny", d_m
 def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, mode):
     env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(corpus), str(single), "ddp"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(corpus), str(single), "ddp", str(REPO / "tests")], env=env,
+                   check=True)
     multi = tmp_path / "multi"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "--no-python", sys.executable, "-c", DDP_SCRIPT, str(corpus), str(multi), mode],
+                    "--no-python", sys.executable, "-c", DDP_SCRIPT, str(corpus), str(multi), mode, str(REPO / "tests")],
                    env=env, check=True, timeout=300)
     a, b = weights(single / "final"), weights(multi / "final")
     for k in a:
@@ -251,7 +235,7 @@ def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, mode):
     (b"", "empty"),
     (b"  \n\n", "empty"),
     (b"abc\x00\x01\x02" * 100, "binary"),
-    (b"\xff\xfe bad utf-8", "not UTF-8"),
+    (b"\xff\xfe bad utf-8", "not valid UTF-8"),
 ])
 def test_bad_corpus_is_one_line_exit_2(tmp_path, capsys, content, fragment):
     path = tmp_path / "corpus.txt"
@@ -272,10 +256,26 @@ def test_seq_len_above_model_maximum(corpus, tmp_path, capsys):
 
 def test_unknown_recipe_key(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("preset: tiny\nlearning_rate_typo: 1\n")
+    recipe.write_text("model:\n  preset: tiny\nlearning_rate_typo: 1\n")
     code = cli_main(["pretrain", "--config", str(recipe)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == "error: unknown recipe key(s): learning_rate_typo"
+    assert code == 2 and err == f"error: unknown recipe {recipe} key(s): learning_rate_typo"
+    recipe.write_text("optim:\n  lr: 0.1\n  lr_typo: 1\n")
+    assert cli_main(["pretrain", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: unknown recipe {recipe}.optim key(s): lr_typo"
+
+
+def test_old_flat_recipe_names_the_new_key(tmp_path, capsys):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("preset: tiny\nlr: 0.002\n")
+    assert cli_main(["pretrain", "--config", str(recipe)]) == 2
+    assert "key 'preset' is now 'model.preset'" in capsys.readouterr().err
+    recipe.write_text("data: builtin:tang300\n")
+    assert cli_main(["pretrain", "--config", str(recipe)]) == 2
+    assert "data.source" in capsys.readouterr().err
+    recipe.write_text("init_from: runs/demo/final\n")
+    assert cli_main(["sft", "--config", str(recipe)]) == 2
+    assert "key 'init_from' is now 'model'" in capsys.readouterr().err
 
 
 def test_recipes_load_and_name_their_launch_command():
@@ -290,17 +290,20 @@ def test_recipes_load_and_name_their_launch_command():
 def test_demo_recipe_equals_demo_config():
     assert load_recipe(REPO / "recipes" / "demo.yaml") == DEMO_TRAINING
     ar = load_recipe(REPO / "recipes" / "demo-ar.yaml")
-    assert ar == DEMO_TRAINING.replace(objective="ar", out=Path("runs/demo-ar"))
+    assert ar == config_replace(DEMO_TRAINING, **{"objective": "ar", "run.out": Path("runs/demo-ar")})
 
 
 def test_cli_overrides_recipe(tmp_path):
-    from remask.cli import parse, training_argv
+    from remask.app.cli import parse
+    from remask.app.commands import COMMANDS
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"preset": "tiny", "lr": 0.01, "max_steps": 7}))
-    argv, base = training_argv("pretrain", ["--config", str(recipe), "--max-steps", "9"])
-    cfg = parse(TrainConfig, argv, prog="remask pretrain", default=base)
-    assert (cfg.lr, cfg.max_steps, cfg.preset) == (0.01, 9, "tiny")
+    recipe.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "optim": {"lr": 0.01, "max_steps": 7}}))
+    got = parse(COMMANDS["pretrain"], ["--config", str(recipe), "--max-steps", "9", "--model.d-model", "64"], "p")
+    cfg = got.train
+    assert (cfg.optim.lr, cfg.optim.max_steps, cfg.model.preset, cfg.model.d_model) == (0.01, 9, "tiny", 64)
+    got = parse(COMMANDS["pretrain"], ["--optim.lr", "0.5", "--config", str(recipe)], "p")  # order does not matter
+    assert (got.train.optim.lr, got.train.optim.max_steps) == (0.5, 7)
 
 
 def test_plot_writes_png(corpus, tmp_path):
@@ -315,21 +318,23 @@ def test_plot_writes_png(corpus, tmp_path):
 
 
 def test_sft_inputs_never_mask_the_prompt_and_count_padding_as_answer():
-    from remask.train.objectives import make_inputs
+    from remask.train.objectives import OBJECTIVES, DialogueBatch
 
     ids = torch.arange(1, 9).repeat(64, 1)  # (64, 8)
     prompt_lengths = torch.tensor([3, 5] * 32)
     pad_mask = torch.zeros(64, 8, dtype=torch.bool)
     pad_mask[1::2, 6:] = True  # odd rows end in two EOS pads
     mask_id = 0
-    inputs = make_inputs("sft", "mdm", (ids, prompt_lengths, pad_mask), mask_id=mask_id, eps=1e-3,
-                         generator=torch.Generator().manual_seed(0))
+    batch = DialogueBatch(ids, prompt_lengths, pad_mask)
+    inputs = OBJECTIVES[("sft", "mdm")].make_inputs(batch, mask_id=mask_id, eps=1e-3,
+                                                    generator=torch.Generator().manual_seed(0))
     prompt = torch.arange(8)[None, :] < prompt_lengths[:, None]
-    assert not inputs["masked"][prompt].any() and torch.equal(inputs["noisy"][prompt], ids[prompt])
-    assert inputs["masked"][pad_mask].any()  # the EOS padding is masked and trained like the answer
-    assert inputs["answer_lengths"].tolist() == [5, 3] * 32  # padding counted in the answer length
-    ar = make_inputs("sft", "ar", (ids, prompt_lengths, pad_mask), mask_id=mask_id, eps=1e-3, generator=None)
-    assert torch.equal(ar["loss_mask"], ~prompt & ~pad_mask)
+    assert not inputs.masked[prompt].any() and torch.equal(inputs.noisy[prompt], ids[prompt])
+    assert inputs.masked[pad_mask].any()  # the EOS padding is masked and trained like the answer
+    assert inputs.answer_lengths.tolist() == [5, 3] * 32  # padding counted in the answer length
+    ar = OBJECTIVES[("sft", "ar")].make_inputs(batch, mask_id=mask_id, eps=1e-3, generator=None)
+    assert torch.equal(ar.loss_mask, ~prompt & ~pad_mask)
+    assert torch.equal(inputs.rows(slice(2, 4)).masked, inputs.masked[2:4])  # records slice by rows
 
 
 @pytest.mark.parametrize("objective", ["mdm", "ar"])
@@ -342,8 +347,8 @@ def test_sft_end_to_end(corpus, tmp_path, objective):
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     out = tmp_path / "sft"
     code = cli_main(["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--objective", objective,
-                     "--seq-len", "48", "--batch-size", "4", "--max-steps", "4", "--val-every", "2", "--no-progress",
-                     "--val-batches", "1"])
+                     "--seq-len", "48", "--batch-size", "4", "--max-steps", "4", "--run.val-every", "2", "--no-progress",
+                     "--run.val-batches", "1"])
     assert code == 0
     rows = metrics(out)
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
@@ -353,7 +358,7 @@ def test_sft_end_to_end(corpus, tmp_path, objective):
 def test_sft_bad_input(tmp_path, capsys):
     code = cli_main(["sft", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "--model" in err
+    assert code == 2 and err.startswith("error: --model is required") and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,22 @@
-"""remask: masked diffusion language models in the style of LLaDA (arXiv 2502.09992)."""
+"""remask: masked diffusion language models in the style of LLaDA (arXiv 2502.09992).
 
-from remask.config import PRESETS, ModelConfig, preset
-from remask.model import Transformer, build_model
+The package attributes load on first use, so `import remask` (and the CLI's start-up) stays
+cheap until torch is actually needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["PRESETS", "ModelConfig", "Transformer", "build_model", "preset"]
 __version__ = "0.1.0"
+
+_LAZY = {"PRESETS": "remask.config", "ModelConfig": "remask.config", "preset": "remask.config",
+         "Transformer": "remask.model", "build_model": "remask.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'remask' has no attribute {name!r}")

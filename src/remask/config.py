@@ -1,81 +1,246 @@
-"""Model configuration: one dataclass, named presets, validated on construction.
+"""Configuration: one validation helper and one dict round trip for every config dataclass, and
+the model configuration with its named presets.
+
+A config is a frozen dataclass deriving from `ConfigBase`. Its fields are checked against their
+type annotations when it is built (bools are bools, ints are ints, floats finite, a `Literal`
+one of its values, `X | None` either) and against the bounds given with `setting(...)`; a class
+adds cross-field checks in `check()`. Failures raise `ConfigError` naming the field.
 
 Special-token ids are *not* part of a preset: they come from the tokenizer
-(`remask.tokenizer.Tokenizer.special_ids`) and are attached with `with_tokens`.
+(`remask.tokenizer.Tokenizer.special_ids`) and are attached with `ModelConfig.with_tokens`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from remask.errors import RemaskError
+from remask.errors import ConfigError
+
+__all__ = ["PRESETS", "ConfigBase", "ConfigError", "ModelConfig", "preset", "setting"]
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this
 
 
-class ConfigError(RemaskError):
-    """A configuration value is invalid; the message names the field."""
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field with bounds checked by `ConfigBase` (None: unbounded)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"bounds": (ge, gt, le, lt)})
 
 
-def from_known_keys(cls: type, data: dict[str, Any], what: str):
-    """cls(**data) for a config dataclass, refusing keys it does not have (one-line error)."""
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ConfigError(f"unknown {what} key(s): {', '.join(unknown)}")
-    return cls(**data)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                Path: "a path"}.get(tp, f"a {tp.__name__}")
+    return str(tp)
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp` (an int where a float is wanted, a str where a Path is), or _NO."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            out = _coerce(value, option)
+            if out is not _NO:
+                return out
+        return _NO
+    if tp is type(None):
+        return None if value is None else _NO
+    if origin is Literal:
+        return value if any(value == a and type(value) is type(a) for a in typing.get_args(tp)) else _NO
+    if tp is Any:
+        return value
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    if tp is Path:
+        return Path(value) if isinstance(value, str | Path) else _NO
+    if origin is dict:
+        return value if isinstance(value, dict) else _NO
+    if origin in (list, tuple):
+        return value if isinstance(value, list | tuple) else _NO
+    if isinstance(tp, type):
+        return value if isinstance(value, tp) else _NO
+    return value
+
+
+def _check_bounds(cls: type, name: str, value: Any, bounds: tuple) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    ge, gt, le, lt = bounds
+    for bound, ok, word in ((ge, lambda b: value >= b, ">="), (gt, lambda b: value > b, ">"),
+                            (le, lambda b: value <= b, "<="), (lt, lambda b: value < b, "<")):
+        if bound is not None and not ok(bound):
+            raise ConfigError(f"must be {word} {bound:g}, got {value!r}", field=name, owner=cls)
+
+
+class ConfigBase:
+    """Validation on construction, a strict dict round trip and `replace`, for frozen dataclasses."""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        hints = _hints(cls)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            tp = hints[f.name]
+            coerced = _coerce(value, tp)
+            if coerced is _NO:
+                raise ConfigError(f"must be {_describe(tp)}, got {value!r}", field=f.name, owner=cls)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+            if "bounds" in f.metadata:
+                _check_bounds(cls, f.name, coerced, f.metadata["bounds"])
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks; raise ConfigError (via `self.need`)."""
+
+    def need(self, ok: bool, field_name: str, detail: str) -> None:
+        if not ok:
+            raise ConfigError(detail, field=field_name, owner=type(self))
+
+    def replace(self, **changes: Any):
+        """A copy with `changes` applied (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown {type(self).__name__} field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (paths as strings, nested configs as dicts): YAML and JSON safe."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, ConfigBase):
+                return value.to_dict()
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [plain(v) for v in value]
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str | None = None):
+        """Build from plain data; unknown keys and wrong types are ConfigErrors naming the key."""
+        what = where or cls.__name__
+        if not isinstance(data, dict):
+            raise ConfigError(f"{what} must be a mapping of field: value, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown {what} key(s): {', '.join(map(str, unknown))}")
+        values = {}
+        hints = _hints(cls)
+        for key, value in data.items():
+            nested = _config_class(hints[key])
+            if nested is not None and isinstance(value, dict):
+                value = nested.from_dict(value, where=f"{what}.{key}" if where else key)
+            values[key] = value
+        missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{what} lacks required key(s): {', '.join(missing)}")
+        return cls(**values)
+
+
+def _config_class(tp: Any) -> type | None:
+    """The ConfigBase subclass in an annotation (also inside `X | None`), else None."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, ConfigBase):
+            return option
+    return None
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """LLaMA-style mask predictor (LLaDA, arXiv 2502.09992, section 2.1).
 
     `causal=True` gives the autoregressive twin; nothing else differs.
     """
 
-    vocab_size: int = 1024
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None -> n_heads (plain multi-head attention)
-    mlp_hidden_size: int = 352  # SwiGLU inner width
-    max_sequence_length: int = 512
-    rope_theta: float = 10_000.0
-    rms_norm_eps: float = 1e-5
-    weight_tying: bool = False  # LLaDA keeps an untied output head
-    embedding_size: int | None = None  # rows of wte / logits width; None -> vocab_size
-    init_std: float = 0.02
+    vocab_size: int = setting(1024, gt=0)
+    """Token ids the tokenizer can produce."""
+    d_model: int = setting(128, gt=0)
+    """Hidden width."""
+    n_layers: int = setting(4, gt=0)
+    """Transformer blocks."""
+    n_heads: int = setting(4, gt=0)
+    """Attention (query) heads."""
+    n_kv_heads: int | None = setting(None, gt=0)
+    """Key/value heads (grouped-query attention); None: as many as n_heads."""
+    mlp_hidden_size: int = setting(352, gt=0)
+    """SwiGLU inner width."""
+    max_sequence_length: int = setting(512, gt=0)
+    """Longest sequence (prompt + answer) the model accepts."""
+    rope_theta: float = setting(10_000.0, gt=0)
+    """Rotary embedding base."""
+    rms_norm_eps: float = setting(1e-5, gt=0)
+    """RMSNorm epsilon."""
+    weight_tying: bool = False
+    """Share the embedding and output matrices (LLaDA keeps them untied)."""
+    embedding_size: int | None = setting(None, gt=0)
+    """Rows of the embedding / logits width; None: vocab_size."""
+    init_std: float = setting(0.02, gt=0)
+    """Standard deviation of the initial weights."""
     causal: bool = False
+    """Causal attention mask: the autoregressive twin."""
     # Filled from the tokenizer, never written by hand in code.
-    mask_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys kept verbatim
+    mask_token_id: int | None = setting(None, ge=0)
+    eos_token_id: int | None = setting(None, ge=0)
+    pad_token_id: int | None = setting(None, ge=0)
+    bos_token_id: int | None = setting(None, ge=0)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Unknown config.json keys, kept verbatim."""
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size",
-                     "max_sequence_length"):
+    def check(self) -> None:
+        self.need(self.d_model % self.n_heads == 0, "d_model",
+                  f"({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        self.need(self.head_dim % 2 == 0, "d_model",
+                  f"/ n_heads = head dimension {self.head_dim}, which must be even for rotary embeddings")
+        self.need(self.n_heads % self.effective_n_kv_heads == 0, "n_kv_heads",
+                  f"({self.effective_n_kv_heads}) must divide n_heads ({self.n_heads})")
+        self.need(self.padded_vocab >= self.vocab_size, "embedding_size",
+                  f"({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+        for name in TOKEN_FIELDS:
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.d_model % self.n_heads == 0,
-             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        need(self.head_dim % 2 == 0, f"head dimension ({self.head_dim}) must be even for rotary embeddings")
-        need(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
-             f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
-        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
-        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        need(self.padded_vocab >= self.vocab_size,
-             f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            need(value is None or 0 <= value < self.padded_vocab,
-                 f"{name}={value} is outside the vocabulary (size {self.padded_vocab})")
+            self.need(value is None or value < self.padded_vocab, name,
+                      f"={value} is outside the vocabulary (size {self.padded_vocab})")
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -83,7 +248,8 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
-    def kv_heads(self) -> int:
+    def effective_n_kv_heads(self) -> int:
+        """n_kv_heads with None resolved to n_heads (LLaDA's `effective_n_kv_heads`)."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
@@ -93,7 +259,7 @@ class ModelConfig:
     def num_parameters(self, *, embeddings: bool = True) -> int:
         """Exact parameter count of `remask.model.Transformer` built from this config."""
         d, h = self.d_model, self.mlp_hidden_size
-        kv = self.kv_heads * self.head_dim
+        kv = self.effective_n_kv_heads * self.head_dim
         block = d * d + 2 * d * kv + d * d + 3 * d * h + 2 * d  # q,k,v,o + swiglu + 2 norms
         emb = self.padded_vocab * d * (1 if self.weight_tying else 2)
         return self.n_layers * block + d + (emb if embeddings else 0)
@@ -109,17 +275,6 @@ class ModelConfig:
         attention = 2 * 2 * self.n_layers * seq_len * self.d_model  # QK^T and AV
         return float(matmul + attention)
 
-    # --- (de)serialisation -----------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return from_known_keys(cls, data, "model config")
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
     def with_tokens(self, special_ids: dict[str, int | None], vocab_size: int) -> ModelConfig:
         """Attach a tokenizer: its vocabulary size and its special-token ids by name."""
         return self.replace(
@@ -131,9 +286,11 @@ class ModelConfig:
             bos_token_id=special_ids.get("bos"),
         )
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+# Fields a recipe may override on a preset: the architecture, not what the tokenizer or the
+# objective decide.
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                            if f.name not in (*TOKEN_FIELDS, "vocab_size", "causal", "extra"))
 
 # Named presets. Parameter counts quoted with their default vocabulary; the real vocabulary
 # comes from the tokenizer and changes the embedding share only.
@@ -158,7 +315,10 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset with optional field overrides."""
+    """A named preset with optional architecture overrides (applied with `replace`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    bad = sorted(set(overrides) - set(ARCHITECTURE_FIELDS))
+    if bad:
+        raise ConfigError(f"cannot override {', '.join(bad)} on a preset; overridable: {', '.join(ARCHITECTURE_FIELDS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -57,6 +57,7 @@ class Tokenizer:
         for name, token in special_tokens.items():
             if not isinstance(token, str) or backend.token_to_id(token) is None:
                 raise RemaskError(f"special token {name}={token!r} is not in the tokenizer's vocabulary")
+        backend.encode_special_tokens = True  # special strings in text stay text (see the module doc)
         self.backend = backend
         self._tokens = dict(special_tokens)
         registered = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
@@ -102,7 +103,7 @@ class Tokenizer:
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
         config[CONFIG_MAP_KEY] = self._tokens
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     # --- training ----------------------------------------------------------------------------
     @classmethod
@@ -118,19 +119,17 @@ class Tokenizer:
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise RemaskError(f"min_frequency must be a positive integer, got {min_frequency!r}")
         texts = list(texts)
-        for text in texts:
-            if not isinstance(text, str):
-                raise RemaskError(f"training texts must be strings, got {type(text).__name__}")
+        for i, text in enumerate(texts):
+            check_text(text, f"training text {i}")
         specials = list(DEFAULT_SPECIAL_TOKENS.values())
         build = _train_char if kind == "char" else _train_bpe
         return cls(build(texts, specials, vocab_size, min_frequency), dict(DEFAULT_SPECIAL_TOKENS))
 
     # --- encoding ------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`; no BOS/EOS added. Special-token strings inside `text` become their ids."""
-        if not isinstance(text, str):
-            raise RemaskError(f"can only encode a string, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, where: str = "text") -> list[int]:
+        """Ids of `text` as plain text (special-token strings inside it are not special); no BOS/EOS
+        added. `where` names the text in the error raised for invalid input."""
+        return self.backend.encode(check_text(text, where), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """Text of `ids`; special tokens dropped when `skip_special`. Ids outside the vocabulary
@@ -209,10 +208,10 @@ class Tokenizer:
             if ids[name] is None:
                 raise RemaskError(f"tokenizer has no {name} token, so it cannot render chat turns")
         pieces: list[tuple[list[int], bool]] = [([ids["bos"]] if ids["bos"] is not None else [], False)]
-        for message in messages:
+        for i, message in enumerate(messages):
             pieces.append((self._header(message["role"]), False))
             answer = message["role"] == "assistant"
-            pieces.append((self.encode(message["content"].strip()) + [ids["eot"]], answer))
+            pieces.append((self.encode(message["content"].strip(), where=f"chat message {i}") + [ids["eot"]], answer))
         if add_generation_prompt:
             pieces.append((self._header("assistant"), False))
         return _merge(pieces)
@@ -225,6 +224,25 @@ class Tokenizer:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+def check_text(text: object, where: str) -> str:
+    """`text` if it is a str of valid UTF-8 text; else a RemaskError naming `where`."""
+    if not isinstance(text, str):
+        raise RemaskError(f"{where} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RemaskError(f"{where} is not valid UTF-8 text (undecodable data at character {e.start})") from None
+    return text
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Strictly decoded UTF-8; a RemaskError naming `where` and the byte offset otherwise."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RemaskError(f"{where} is not valid UTF-8 text (byte {e.start})") from None
+
+
 def _merge(pieces: list[tuple[list[int], bool]]) -> list[tuple[list[int], bool]]:
     """Join consecutive pieces with the same flag; drop empty ones."""
     out: list[tuple[list[int], bool]] = []

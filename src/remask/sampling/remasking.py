@@ -7,6 +7,7 @@ highest-scoring masked positions first and leaves the rest masked ("remasks" the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -65,3 +66,6 @@ REMASKING: dict[str, ScoreFn] = {
     "margin": margin,
     "entropy": neg_entropy,
 }
+# The strategy names as a type, built from the table: a strategy added above is a valid setting
+# and a CLI choice everywhere without another edit.
+RemaskingName = Literal[tuple(REMASKING)]  # type: ignore[valid-type]

@@ -1,135 +1,253 @@
-"""The training configuration shared by pretraining and SFT: one dataclass, validated on
-construction, loaded from recipe YAML (unknown keys are errors) and overridden from the CLI."""
+"""Training configuration in sections: model, data, optimiser/schedule, run.
+
+Pretraining and SFT each take only what they use (`PretrainConfig`, `SFTConfig`). A recipe is
+sectioned YAML (`load_recipe`); the CLI turns every field into an option named by its path
+(`--optim.lr`), and the common ones also have a short name (`--lr`, `--seq-len`, `--out`).
+The model section is a preset plus overrides of `ModelConfig` fields, generated from
+`ModelConfig` itself and applied with `replace`, so every architecture field is overridable
+and none is declared twice.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import tyro
 import yaml
 
-from remask.config import PRESETS, ConfigError, from_known_keys
+from remask.config import ARCHITECTURE_FIELDS, PRESETS, SEED_LIMIT, ConfigBase, ModelConfig, preset, setting
+from remask.errors import ConfigError
+
+Objective = Literal["mdm", "ar"]
+
+
+def short(name: str) -> Any:
+    """An extra, unprefixed option name for a section field (`--lr` beside `--optim.lr`)."""
+    return tyro.conf.arg(aliases=(name,))
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+class _ModelSectionBase(ConfigBase):
+    """A preset plus ModelConfig overrides; `build` applies them with `replace`."""
+
+    def overrides(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS if getattr(self, name) is not None}
+
+    def check(self) -> None:
+        self.need(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        self.need(self.init_from is None or not self.overrides(), "init_from",
+                  "takes the architecture from the model directory; drop the overrides "
+                  f"({', '.join(self.overrides())})")
+        self.build()  # the overridden architecture must itself be valid
+
+    def build(self, special_ids: dict[str, int | None] | None = None, vocab_size: int | None = None) -> ModelConfig:
+        """The preset with the overrides; with a tokenizer's ids and size attached when given."""
+        cfg = preset(self.preset, **self.overrides())
+        return cfg if vocab_size is None else cfg.with_tokens(special_ids or {}, vocab_size)
+
+
+def _model_section() -> type:
+    hints = typing.get_type_hints(ModelConfig)
+    spec: list[tuple[str, Any, Any]] = [
+        ("preset", Annotated[str, short("--preset"), tyro.conf.arg(help=f"Model preset: {', '.join(PRESETS)}.")],
+         field(default="tiny")),
+        ("init_from", Annotated[Path | None, tyro.conf.arg(
+            help="Start from this model directory (weights, tokenizer, architecture) instead of a fresh preset model.")],
+         field(default=None)),
+    ]
+    for name in ARCHITECTURE_FIELDS:
+        tp = hints[name]
+        optional = tp if type(None) in typing.get_args(tp) else tp | None
+        spec.append((name, Annotated[optional, tyro.conf.arg(help=f"Override the preset's {name}.")],
+                     field(default=None)))
+    cls = dataclasses.make_dataclass("ModelSection", spec, bases=(_ModelSectionBase,), frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "Model: a preset plus overrides of any ModelConfig architecture field (None keeps the preset's)."
+    return cls
+
+
+ModelSection = _model_section()
+
+
+# --- data ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """What to train, on what, and how. Sizes are in sequences and tokens."""
+class CorpusData(ConfigBase):
+    """Pretraining data: a corpus, the tokenizer trained on it, and how it is cut into sequences."""
 
-    data: str = "builtin:tang300"
-    """Corpus: builtin:tang300|shakespeare|kjv, a .txt/.jsonl file or a directory (SFT: a .jsonl of
-    messages or prompt/response)."""
-    out: Path = Path("runs/pretrain")
-    """Run directory: metrics.jsonl, checkpoints/step-N/, final/."""
-    objective: Literal["mdm", "ar"] = "mdm"
-    """mdm: the masked-diffusion objective; ar: the autoregressive twin (causal mask, next-token loss)."""
-    init_from: Path | None = None
-    """Start from this model directory (its weights and tokenizer) instead of a fresh model."""
-    # --- model (a preset plus optional overrides) ---
-    preset: str = "tiny"
-    """Model preset: tiny, demo, small, 100m, llada-8b."""
-    d_model: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    mlp_hidden_size: int | None = None
-    # --- tokenizer ---
+    source: Annotated[str, short("--data")] = "builtin:tang300"
+    """Corpus: builtin:tang300|shakespeare|kjv, a .txt/.jsonl file or a directory."""
     tokenizer: Literal["char", "bpe"] = "char"
-    """Tokenizer trained on the corpus (ignored with init_from: the model's own is used)."""
-    vocab_size: int = 4096
-    # --- batches ---
-    seq_len: int = 256
-    batch_size: int = 16
+    """Tokenizer trained on the corpus (a resumed run keeps its own)."""
+    vocab_size: int = setting(4096, gt=0)
+    """Tokenizer vocabulary size (special tokens included)."""
+    seq_len: Annotated[int, short("--seq-len")] = setting(256, gt=0)
+    """Tokens per training sequence."""
+    val_fraction: float = setting(0.05, gt=0, lt=1)
+    """Fraction of documents held out for validation."""
+    short_batch_prob: float = setting(0.01, ge=0, le=1)
+    """Fraction of batches cut to a random shorter length (LLaDA section 2.3: 1%)."""
+
+
+@dataclass(frozen=True)
+class DialogueData(ConfigBase):
+    """SFT data: JSONL dialogues rendered with the model's chat template."""
+
+    source: Annotated[Path | None, short("--data")] = None
+    """A .jsonl file of {"messages": [...]} or {"prompt", "response"} lines."""
+    seq_len: Annotated[int, short("--seq-len")] = setting(256, gt=0)
+    """Longest example (prompt + answer) in tokens; longer answers are cut."""
+    val_fraction: float = setting(0.05, gt=0, lt=1)
+    """Fraction of examples held out for validation (none below 10 examples)."""
+
+
+# --- optimiser and schedule -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig(ConfigBase):
+    """AdamW with the warmup-stable-decay schedule (LLaDA section 2.3), batch sizes and length."""
+
+    lr: Annotated[float, short("--lr")] = setting(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = setting(0.1, ge=0)
+    """AdamW weight decay on the matrices."""
+    beta1: float = setting(0.9, ge=0, lt=1)
+    beta2: float = setting(0.95, ge=0, lt=1)
+    grad_clip: float = setting(1.0, ge=0)
+    """Gradient-norm clipping; 0 disables it."""
+    batch_size: Annotated[int, short("--batch-size")] = setting(16, gt=0)
     """Sequences per optimizer step, over all processes."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = setting(None, gt=0)
     """Sequences per forward pass and process (gradient accumulation makes up the rest)."""
-    max_steps: int = 1000
-    val_fraction: float = 0.05
-    # --- optimisation ---
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2
-    """Final fraction of steps over which the learning rate decays linearly (WSD schedule)."""
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    mask_eps: float = 1e-3
-    """eps of the mask probability p = (1 - eps) t + eps."""
-    short_batch_prob: float = 0.01
-    """Fraction of pretraining batches cut to a random shorter length (LLaDA: 1%)."""
-    # --- hardware ---
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: Annotated[int, short("--max-steps")] = setting(1000, gt=0)
+    """Optimizer steps in all."""
+    warmup_steps: int = setting(100, ge=0)
+    decay_fraction: float = setting(0.2, ge=0, le=1)
+    """Final fraction of steps over which the learning rate decays linearly."""
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)
+    """The learning rate at the end, as a fraction of the peak."""
+
+
+# --- run --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigBase):
+    """Where and how the run executes: directory, seed, hardware, logging and checkpoints."""
+
+    out: Annotated[Path, short("--out")] = Path("runs/pretrain")
+    """Run directory: metrics.jsonl, checkpoints/step-N/, final/."""
+    seed: Annotated[int, short("--seed")] = setting(0, ge=0, lt=SEED_LIMIT)
+    """Seed of every random choice (initialisation, batches, masks)."""
+    device: Annotated[Literal["auto", "cpu", "cuda"], short("--device")] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast where the device supports it (CUDA), else fp32."""
     compile: bool = False
     """torch.compile the model."""
     fsdp: bool = False
     """Under torchrun: shard the model with FSDP2 instead of replicating it with DDP."""
-    # --- bookkeeping ---
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 100
-    val_batches: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
+    log_every: int = setting(10, gt=0)
+    val_every: int = setting(100, gt=0)
+    val_batches: int = setting(8, gt=0)
+    """Micro-batches of held-out data per validation."""
+    save_every: int = setting(500, gt=0)
+    keep_checkpoints: int = setting(2, gt=0)
+    final: Literal["last", "best"] = "last"
+    """What final/ holds: the last step's model, or the one with the best validation loss."""
+    resume: Annotated[bool, short("--resume")] = False
+    """Continue the run in `out` from its newest checkpoint."""
+    progress: Annotated[bool, short("--progress")] = True
     """Show a progress bar (loss, tokens/s, learning rate, ETA)."""
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
 
-        need(self.preset in PRESETS, f"unknown model preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        for name in ("seq_len", "batch_size", "max_steps", "log_every", "val_every", "val_batches", "save_every",
-                     "keep_checkpoints", "vocab_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive")
-        need(self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        need(0 <= self.decay_fraction <= 1, "decay_fraction must be in [0, 1]")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
-        need(0 < self.val_fraction < 1, "val_fraction must be in (0, 1)")
-        need(0 < self.mask_eps < 1, "mask_eps must be in (0, 1)")
-        need(0 <= self.short_batch_prob <= 1, "short_batch_prob must be in [0, 1]")
-        need(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
-
-    def model_overrides(self) -> dict[str, int]:
-        names = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        values = dict(data)
-        for key in ("out", "init_from"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
-        return from_known_keys(cls, values, "recipe")
+# --- the two workflows --------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path) -> TrainConfig:
-    """A TrainConfig from a recipe YAML (a flat mapping of TrainConfig fields)."""
+@dataclass(frozen=True)
+class PretrainConfig(ConfigBase):
+    """Pretraining (LLaDA section 2.3) of a masked diffusion LM, or of its autoregressive twin."""
+
+    objective: Objective = "mdm"
+    """mdm: the masked-diffusion objective; ar: the autoregressive twin (causal mask, next-token loss)."""
+    mask_eps: float = setting(1e-3, gt=0, lt=1)
+    """eps of the mask probability p = (1 - eps) t + eps."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: CorpusData = field(default_factory=CorpusData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class SFTConfig(ConfigBase):
+    """Supervised fine-tuning (LLaDA section 2.3) of a model directory on JSONL dialogues."""
+
+    model: Path | None = None
+    """The pretrained model directory to fine-tune (its weights and tokenizer)."""
+    objective: Objective = "mdm"
+    """mdm: the SFT objective (prompt never masked); ar: the AR twin's answer-only next-token loss."""
+    mask_eps: float = setting(1e-3, gt=0, lt=1)
+    data: DialogueData = field(default_factory=DialogueData)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=500, warmup_steps=50))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out=Path("runs/sft")))
+
+
+TrainConfig = PretrainConfig | SFTConfig
+
+
+def config_replace(config: ConfigBase, **dotted: Any) -> Any:
+    """`config` with dotted-path changes: config_replace(cfg, **{"optim.lr": 1e-3, "run.out": p})."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for path, value in dotted.items():
+        head, _, rest = path.partition(".")
+        (nested.setdefault(head, {}).__setitem__(rest, value) if rest else flat.__setitem__(head, value))
+    for head, changes in nested.items():
+        flat[head] = config_replace(getattr(config, head), **changes)
+    return config.replace(**flat)
+
+
+def _section_keys(cls: type) -> dict[str, str]:
+    """field name -> its dotted path, for every field of every section of `cls`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if isinstance(tp, type) and issubclass(tp, ConfigBase):
+            out |= {g.name: f"{f.name}.{g.name}" for g in dataclasses.fields(tp)}
+    return out
+
+
+def from_recipe(cls: type, data: Any, where: str) -> Any:
+    """A config from a recipe mapping; a key of the old flat layout gets an error naming its new place."""
+    if isinstance(data, dict):
+        own = {f.name for f in dataclasses.fields(cls)}
+        moved = _section_keys(cls) | ({"init_from": "model"} if cls is SFTConfig else {"init_from": "model.init_from"})
+        sections = ", ".join(f.name for f in dataclasses.fields(cls) if f.name in {p.split(".")[0] for p in moved.values()})
+        for key, value in data.items():
+            if key == "data" and not isinstance(value, dict):
+                raise ConfigError(f"{where}: key 'data' is now a section; write the corpus as data.source "
+                                  f"(recipes are sectioned: {sections})")
+            if key in moved and key not in own:
+                raise ConfigError(f"{where}: key '{key}' is now '{moved[key]}' (recipes are sectioned: {sections})")
+    return cls.from_dict(data, where=where)
+
+
+def load_recipe(path: str | Path, cls: type = PretrainConfig) -> Any:
+    """A PretrainConfig (or SFTConfig) from a sectioned recipe YAML."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"recipe {p} does not exist")
+        raise ConfigError(f"recipe {p} does not exist" if not p.exists() else f"recipe {p} is not a file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p} is not valid UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {p} must be a mapping of option: value")
-    try:
-        return TrainConfig.from_dict(data)
-    except TypeError as e:
-        raise ConfigError(f"recipe {p}: {e}") from None
+    return from_recipe(cls, data, f"recipe {p}")

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from remask.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,20 +29,10 @@ class DistInfo:
         return self.world > 1
 
 
-def pick_device(preference: str) -> torch.device:
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        from remask.errors import RemaskError
-
-        raise RemaskError("--device cuda was asked for but CUDA is not available")
-    return torch.device(preference)
-
-
 def init_distributed(preference: str) -> DistInfo:
     """One process, or the group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK
     (gloo on CPU, nccl on CUDA)."""
-    device = pick_device(preference)
+    device = resolve_device(preference)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(device=device)

@@ -4,23 +4,18 @@ trained as answer, per-answer-length normalisation) or the AR twin's answer-only
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from remask.data.packing import step_generator
+from remask.checkpoint import load_config
 from remask.data.sft import SFTBatches, SFTExample, build_sft_examples, sft_batch
-from remask.errors import RemaskError
+from remask.errors import ConfigError, RemaskError
 from remask.tokenizer import Tokenizer
 from remask.train import distributed as D
-from remask.train.config import TrainConfig
-from remask.train.loop import TrainJob, autocast, train
-from remask.train.objectives import batch_loss, make_inputs, to_device
-from remask.train.pretrain import VAL_DRAWS, VAL_STREAM, run_model
+from remask.train.config import SFTConfig
+from remask.train.loop import TrainJob, split_sizes, train
+from remask.train.objectives import DialogueBatch
+from remask.train.setup import build_run_model, micro_batch_size, start
 
 
 def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -33,46 +28,31 @@ def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -
     return [examples[i] for i in sorted(order[n_val:])], val
 
 
-def sft_validation(cfg: TrainConfig, val: list[SFTExample], tokenizer: Tokenizer, device: torch.device,
-                   micro: int) -> Callable[[nn.Module], dict[str, float]]:
-    """val_loss: the SFT objective (eq. 5) with fixed masks, or the AR twin's answer NLL."""
-
-    @torch.no_grad()
-    def validate(model: nn.Module) -> dict[str, float]:
-        total, weight = 0.0, 0
-        for start in range(0, len(val), micro):
-            batch = sft_batch(val[start:start + micro], pad_id=tokenizer.pad_id)
-            gen = step_generator(cfg.seed, start, VAL_STREAM)
-            for _ in range(1 if cfg.objective == "ar" else VAL_DRAWS):
-                inputs = make_inputs("sft", cfg.objective, batch, mask_id=tokenizer.mask_id, eps=cfg.mask_eps,
-                                     generator=gen)
-                with autocast(cfg, device):
-                    total += batch_loss(model, "sft", cfg.objective, to_device(inputs, device)).item() * len(batch[0])
-                weight += len(batch[0])
-        loss = total / weight
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-
-    return validate
-
-
-def setup(cfg: TrainConfig) -> TrainJob:
-    if cfg.init_from is None:
-        raise RemaskError("sft needs --model DIR (a pretrained model directory)")
-    info = D.init_distributed(cfg.device)
-    tokenizer = Tokenizer.from_dir(cfg.init_from)
-    examples = build_sft_examples(Path(cfg.data), tokenizer, max_len=cfg.seq_len)
+def setup(cfg: SFTConfig) -> TrainJob:
+    if cfg.model is None:
+        raise ConfigError("is required: the pretrained model directory to fine-tune", field="model", owner=SFTConfig)
+    if cfg.data.source is None:
+        raise ConfigError("is required: a .jsonl file of dialogues", field="source", owner=type(cfg.data))
+    info = start(cfg.run)
+    load_config(cfg.model)  # a clear error for a missing or broken model directory
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    examples = build_sft_examples(cfg.data.source, tokenizer, max_len=cfg.data.seq_len)
     if not examples:
-        raise RemaskError(f"{cfg.data} yields no SFT example that fits seq_len {cfg.seq_len}")
-    train_examples, val_examples = split_examples(examples, cfg.val_fraction, cfg.seed)
-    model = run_model(cfg, tokenizer, info.device)
-    batches = SFTBatches(train_examples, cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id)
-    micro = cfg.micro_batch_size or max(1, cfg.batch_size // info.world)
-    val_fn = sft_validation(cfg, val_examples, tokenizer, info.device, micro) if val_examples else None
+        raise RemaskError(f"{cfg.data.source} yields no SFT example that fits seq_len {cfg.data.seq_len}")
+    train_examples, val_examples = split_examples(examples, cfg.data.val_fraction, cfg.run.seed)
+    model = build_run_model(None, cfg.model, cfg.objective, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
+                            device=info.device)
+    split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
+    batches = SFTBatches(train_examples, cfg.optim.batch_size, seed=cfg.run.seed, pad_id=tokenizer.pad_id)
+    micro = micro_batch_size(cfg.optim.micro_batch_size, cfg.optim.batch_size, info)
+    val_batches = [DialogueBatch(*sft_batch(val_examples[i:i + micro], pad_id=tokenizer.pad_id))
+                   for i in range(0, len(val_examples), micro)]
     describe = f"sft {cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
-    return TrainJob(cfg, "sft", model, tokenizer, info, batches.batch, val_fn, describe)
+    return TrainJob("sft", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer, info,
+                    lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe)
 
 
-def sft(cfg: TrainConfig) -> Path:
+def sft(cfg: SFTConfig) -> Path:
     """Fine-tune (or resume) and return RUN_DIR/final."""
     job = setup(cfg)
     try:

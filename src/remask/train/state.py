@@ -1,26 +1,25 @@
 """Training checkpoints: RUN_DIR/checkpoints/step-N/ = a model directory + trainer_state/.
 
-A step directory is staged under a hidden temporary name and renamed into place only when
-complete, so a run killed at any moment (SIGKILL included) leaves every visible step-N loadable.
-All randomness in training is a function of (seed, step), so the step *is* the data position;
-RNG states are saved as well for anything outside that scheme.
+Every write is staged and renamed into place (`remask.atomic`), and old checkpoints are renamed
+out of sight before they are deleted, so a run killed at any moment (SIGKILL included) leaves
+every visible step-N complete; what a kill leaves half-done is hidden (`.tmp-*`, `.trash-*`) and
+cleared at the next start. All randomness in training is a function of (seed, step), so the step
+*is* the data position; RNG states are saved as well for anything outside that scheme.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from remask.checkpoint import load_config, save_model
+from remask.atomic import atomic_dir, clear_staging, remove_dir
+from remask.checkpoint import load_config, write_model_files
 from remask.errors import RemaskError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -41,13 +40,10 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return dirs[-1] if dirs else None
 
 
-def remove_stale_staging(run_dir: Path) -> None:
-    """Temporary directories left by a killed run are incomplete by definition."""
-    root = run_dir / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+def clear_leftovers(run_dir: Path) -> None:
+    """Staging and trash directories a killed run left behind are incomplete by definition."""
+    clear_staging(run_dir)
+    clear_staging(run_dir / "checkpoints")
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -75,38 +71,21 @@ def restore_rng(checkpoint: Path, trainer: dict[str, Any]) -> None:
 
 def write_step_checkpoint(run_dir: Path, step: int, model, tokenizer, *, optimizer_state: dict,
                           trainer: dict[str, Any], keep: int) -> Path:
-    """Stage model + trainer state, then rename to checkpoints/step-N; prune to the newest `keep`."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    staging = root / f".tmp-step-{step}-{os.getpid()}"
-    try:
-        save_model(model, staging, tokenizer=tokenizer)
+    """Stage model + trainer state, rename to checkpoints/step-N; then prune to the newest `keep`."""
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with atomic_dir(final) as staging:  # re-saving a step (after a resume) swaps it atomically
+        write_model_files(model, staging, tokenizer=tokenizer)
         state_dir = staging / STATE_DIR
         state_dir.mkdir()
         torch.save(optimizer_state, state_dir / "optimizer.pt")
         rng_tensors, rng_plain = rng_state()
         torch.save(rng_tensors, state_dir / "rng.pt")
         (state_dir / "trainer.json").write_text(json.dumps(trainer | {"rng": rng_plain}))
-        for f in state_dir.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (after a resume): swap atomically
-            old = root / f".tmp-old-{step}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise RemaskError(f"cannot write checkpoint {final}: {reason}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for _, old_dir in step_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old_dir, ignore_errors=True)
+    for _, old in step_dirs(run_dir)[:-keep]:
+        try:
+            remove_dir(old)
+        except OSError as e:
+            raise RemaskError(f"cannot remove old checkpoint {old}: {e.strerror or e}") from None
     return final
 
 
@@ -124,7 +103,8 @@ def read_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict]:
 def check_same_model(checkpoint: Path, expected) -> None:
     """Refuse to resume a run whose checkpoint holds a different architecture."""
     saved = load_config(checkpoint)
-    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "mlp_hidden_size", "causal", "weight_tying")
+    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "effective_n_kv_heads", "mlp_hidden_size", "causal",
+            "weight_tying")
     diffs = [f"{k} {getattr(saved, k)} != {getattr(expected, k)}" for k in keys if getattr(saved, k) != getattr(expected, k)]
     if diffs:
         raise RemaskError(f"cannot resume from {checkpoint}: it holds a different model ({'; '.join(diffs)})")

@@ -10,6 +10,7 @@ import unicodedata
 from typing import TextIO
 
 from remask.sampling import SamplerConfig, StepInfo
+from remask.tokenizer import Tokenizer
 
 MASK_GLYPH = "░"
 RESET = "\x1b[0m"
@@ -40,56 +41,46 @@ def render(pieces: list[str | None], steps: list[int], total_steps: int, *, colo
 
 class DenoisingView:
     """An `on_step` callback that redraws the answer after every step (in place on a terminal;
-    on a pipe it prints only the final state)."""
+    on a pipe it prints only the final state). Positions after the answer's end-of-text are
+    not shown."""
 
-    def __init__(self, pipeline, cfg: SamplerConfig, *, prompt_len: int, stream: TextIO | None = None,
-                 colour: bool | None = None) -> None:
-        self.tok = pipeline.tokenizer
-        self.stops = set(pipeline.stop_ids())
-        self.cfg, self.P = cfg, prompt_len
+    def __init__(self, tokenizer: Tokenizer, stop_ids: list[int], sampler: SamplerConfig, *,
+                 stream: TextIO | None = None, colour: bool | None = None) -> None:
+        self.tok, self.stops, self.sampler = tokenizer, set(stop_ids), sampler
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self.colour = self.live if colour is None else colour
-        self.steps = [-1] * cfg.gen_length
         self.drawn_lines = 0
 
-    def pieces(self, ids: list[int]) -> list[str | None]:
+    def pieces(self, ids: list[int], steps: list[int]) -> list[str | None]:
         out: list[str | None] = []
         ended = False
-        for tid, step in zip(ids, self.steps):
-            if step < 0:
+        for tid, step in zip(ids, steps):
+            if ended or (step >= 0 and tid in self.stops):
+                ended = True
+                out.append("")  # the end-of-text and whatever follows it are not shown
+            elif step < 0:
                 out.append(None)
-            elif tid in self.stops or ended:
-                ended = ended or tid in self.stops
-                out.append("")  # end-of-text padding is not shown
             else:
                 out.append(self.tok.decode([tid], skip_special=True))
         return out
 
-    def frame(self, ids: list[int]) -> str:
-        return render(self.pieces(ids), self.steps, self.cfg.steps, colour=self.colour)
-
     def __call__(self, info: StepInfo) -> None:
-        for pos in info.revealed[0, self.P:].nonzero().flatten().tolist():
-            self.steps[pos] = info.step
-        ids = info.x[0, self.P:].tolist()
-        final = info.step == self.cfg.steps - 1
-        if not (self.live or final):
+        if not (self.live or info.done):
             return
-        text = self.frame(ids)
+        ids, steps = info.answer(0)
+        pieces = self.pieces(ids, steps)
         if self.live and self.drawn_lines:
             self.stream.write(f"\x1b[{self.drawn_lines}F\x1b[J")  # back to the frame's first line, clear below
-        self.stream.write(text + "\n")
+        self.stream.write(render(pieces, steps, self.sampler.steps, colour=self.colour) + "\n")
         self.stream.flush()
         width = max(shutil.get_terminal_size().columns, 1)
-        self.drawn_lines = sum(max(1, -(-display_width(line) // width)) for line in self.plain(ids).split("\n"))
-
-    def plain(self, ids: list[int]) -> str:
-        return render(self.pieces(ids), self.steps, self.cfg.steps, colour=False)
+        plain = render(pieces, steps, self.sampler.steps, colour=False)
+        self.drawn_lines = sum(max(1, -(-display_width(line) // width)) for line in plain.split("\n"))
 
     def legend(self) -> str:
         """A one-line key of the colour ramp."""
-        total = self.cfg.steps
+        total = self.sampler.steps
         if not self.colour:
             return f"(colour shows the step at which each token was revealed; {MASK_GLYPH} = still masked)"
         marks = sorted({0, total // 4, total // 2, 3 * total // 4, total - 1})

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import yaml
 
+from remask.atomic import atomic_file
 from remask.errors import RemaskError
+from remask.train.loop import read_metrics_lines
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RemaskError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    try:
-        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    except json.JSONDecodeError as e:
-        raise RemaskError(f"{path} is corrupt: {e.msg} (line {e.lineno})") from None
+    records = read_metrics_lines(path)
     if not records:
         raise RemaskError(f"{path} holds no logged steps yet")
     return records
@@ -28,8 +25,11 @@ def run_label(run_dir: Path) -> str:
     cfg_path = Path(run_dir) / "config.yaml"
     objective = ""
     if cfg_path.is_file():
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        objective = {"mdm": "MDM (bound)", "ar": "AR"}.get(cfg.get("objective"), "")
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            cfg = {}
+        objective = {"mdm": "MDM (bound)", "ar": "AR"}.get(cfg.get("objective") if isinstance(cfg, dict) else None, "")
     return f"{Path(run_dir).name} {objective}".strip()
 
 
@@ -62,10 +62,11 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax.legend()
     fig.tight_layout()
     out = Path(out)
-    if out.parent and not out.parent.exists():
+    if not out.parent.is_dir():
         raise RemaskError(f"output folder {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_file(out, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return out

@@ -3,19 +3,21 @@ two CPU cores), then let it write poems, showing the denoising as it happens."""
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
+from remask.atomic import remove_dir
 from remask.errors import RemaskError
 from remask.sampling import SamplerConfig
-from remask.train.config import TrainConfig
+from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainConfig, RunConfig, config_replace
 
 # Kept equal to recipes/demo.yaml (a test checks it).
-DEMO_TRAINING = TrainConfig(
-    data="builtin:tang300", out=Path("runs/demo"), objective="mdm", preset="demo", tokenizer="char",
-    seq_len=128, batch_size=16, max_steps=1200, lr=2e-3, warmup_steps=100, decay_fraction=0.3,
-    val_every=250, save_every=250, log_every=25, seed=0,
+DEMO_TRAINING = PretrainConfig(
+    objective="mdm",
+    model=ModelSection(preset="demo"),
+    data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128),
+    optim=OptimConfig(batch_size=16, max_steps=1200, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
+    run=RunConfig(out=Path("runs/demo"), val_every=250, save_every=250, log_every=25, seed=0),
 )
 DEMO_SAMPLING = SamplerConfig(gen_length=96, steps=96, block_length=16, temperature=0.5,
                               remasking="low_confidence")
@@ -28,24 +30,24 @@ def is_run_dir(path: Path) -> bool:
     return (path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir() or (path / "final").is_dir()
 
 
-def demo(*, out: Path = DEMO_TRAINING.out, retrain: bool = False, samples: int = 3, seed: int = 0) -> Path:
+def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: int = 3, seed: int = 0) -> Path:
     """Train (or reuse) the demo model, then generate `samples` poems with a live view."""
-    if samples < 0:
-        raise RemaskError("--samples must be >= 0")
+    if not isinstance(samples, int) or samples < 0:
+        raise RemaskError(f"--samples must be an integer >= 0, got {samples!r}")
     final = out / "final"
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if retrain and out.exists():
         if not is_run_dir(out):
             raise RemaskError(f"{out} exists and is not a remask run directory; refusing to delete it")
-        shutil.rmtree(out)
+        remove_dir(out)
     if final.is_dir():
         say(f"Reusing the trained demo model in {final} (pass --retrain to train it again).")
     else:
         from remask.train.pretrain import pretrain
 
-        cfg = DEMO_TRAINING.replace(out=out, resume=True)
+        cfg = config_replace(DEMO_TRAINING, **{"run.out": out, "run.resume": True})
         say("Pretraining a masked diffusion LM on the 300 Tang poems (LLaDA objective, "
-            f"{cfg.max_steps} steps of {cfg.batch_size}x{cfg.seq_len} characters).")
+            f"{cfg.optim.max_steps} steps of {cfg.optim.batch_size}x{cfg.data.seq_len} characters).")
         say("An interrupted run resumes from its last checkpoint when you run the demo again.\n")
         pretrain(cfg)
     show_samples(final, samples, seed)
@@ -56,15 +58,15 @@ def demo(*, out: Path = DEMO_TRAINING.out, retrain: bool = False, samples: int =
 
 
 def show_samples(model_dir: Path, samples: int, seed: int) -> None:
-    from remask.display import DenoisingView
-    from remask.pipeline import Pipeline
+    from remask.app.display import DenoisingView
+    from remask.app.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir)
-    cfg = DEMO_SAMPLING
+    sampler = DEMO_SAMPLING
     for i, prompt in enumerate(DEMO_PROMPTS[:samples]):
-        view = DenoisingView(pipe, cfg, prompt_len=len(pipe.encode_prompt(prompt)))
+        view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler)
         if i == 0:
-            print(f"\nEach poem starts as {cfg.gen_length} masks and is revealed over {cfg.steps} steps, "
-                  f"{cfg.block_length} positions at a time from left to right.\n{view.legend()}")
+            print(f"\nEach poem starts as {sampler.gen_length} masks and is revealed over at most {sampler.steps} steps, "
+                  f"{sampler.block_length} positions at a time from left to right.\n{view.legend()}")
         print(f"\n\x1b[1m{prompt.rstrip()}\x1b[0m" if view.colour else f"\n{prompt.rstrip()}")
-        pipe.generate(prompt, cfg, seed=seed + i, on_step=view)
+        pipe.generate(prompt, sampler, seed=seed + i, on_step=view)

@@ -1,0 +1,1 @@
+"""Applications over the library: the CLI, text pipeline, chat, terminal view, demo and plots."""

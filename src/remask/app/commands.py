@@ -1,0 +1,213 @@
+"""The commands of `remask`: typed functions over the library, one per command.
+
+tyro turns each function's parameters into options (nested configs included), so a setting is
+declared once, where it lives: every `SamplerConfig` field is an option of every command that
+samples, every training config field an option of `pretrain` / `sft` (`--optim.lr`, or its short
+name `--lr`). Training commands also take `--config RECIPE.yaml`, whose values the other
+options override. Nothing here parses argv; `cli.py` does.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+from remask.errors import RemaskError
+from remask.sampling import SamplerConfig
+from remask.train.config import PretrainConfig, SFTConfig
+
+# A nested config whose fields become top-level options (`--gen-length`, not `--sampler.gen-length`).
+Flat = tyro.conf.arg(name="")
+Positional = tyro.conf.Positional
+
+
+def info(directory: Annotated[Path, Positional], json: bool = False) -> None:
+    """Show a model directory: parameters, configuration and special tokens.
+
+    Args:
+        directory: A model directory (LLaDA Hugging Face layout).
+        json: Print one JSON object instead of text.
+    """
+    from remask.checkpoint import checkpoint_bytes, load_model_dir
+
+    model, tok = load_model_dir(directory)  # validates every tensor's name and shape (weights stay mapped)
+    cfg = model.config
+    special = {name: (tid, tok.decode([tid], skip_special=False) if tid is not None else None)
+               for name, tid in tok.special_ids.items()}
+    report = {
+        "directory": str(directory),
+        "parameters": cfg.num_parameters(),
+        "non_embedding_parameters": cfg.num_parameters(embeddings=False),
+        "checkpoint_bytes": checkpoint_bytes(directory),
+        "kind": "autoregressive twin (causal)" if cfg.causal else "masked diffusion (bidirectional)",
+        "config": cfg.to_dict(),
+        "tokenizer": {"vocab_size": tok.vocab_size, "special_tokens": special},
+    }
+    if json:
+        print(jsonlib.dumps(report, allow_nan=False))
+        return
+    print(f"{report['directory']}: {report['kind']}")
+    print(f"  parameters      {report['parameters']:,} ({report['non_embedding_parameters']:,} non-embedding)")
+    print(f"  checkpoint      {report['checkpoint_bytes']:,} bytes")
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                "max_sequence_length", "rope_theta", "weight_tying"):
+        print(f"  {key:<15} {report['config'][key]}")
+    print(f"  tokenizer       {tok.vocab_size} tokens")
+    for name, (tid, text) in special.items():
+        print(f"    {name:<13} {tid!s:>7}  {text!r}" if tid is not None else f"    {name:<13}    none")
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt text from exactly one of --prompt and --prompt-file, checked to be UTF-8."""
+    from remask.data.corpora import decode_text
+    from remask.tokenizer import check_text
+
+    if (prompt is None) == (prompt_file is None):
+        raise RemaskError("give exactly one of --prompt TEXT and --prompt-file FILE")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise RemaskError(f"prompt file {prompt_file} does not exist" if not prompt_file.exists()
+                              else f"prompt file {prompt_file} is not a file")
+        return decode_text(prompt_file)
+    return check_text(prompt, "--prompt")
+
+
+GENERATE_SAMPLER = SamplerConfig(gen_length=64, steps=64)
+
+
+def generate(model: Path, prompt: str | None = None, prompt_file: Path | None = None,
+             sampler: Annotated[SamplerConfig, Flat] = GENERATE_SAMPLER,
+             chat: bool = False, seed: int = 0, device: str = "cpu", json: bool = False, show: bool = False) -> None:
+    """Generate text from a prompt with the reverse (unmasking) process.
+
+    Args:
+        model: A model directory.
+        prompt: The prompt text (raw; see --chat).
+        prompt_file: Read the prompt from this UTF-8 file instead.
+        sampler: Sampler settings.
+        chat: Render the prompt as a user turn of the chat template.
+        seed: Random seed (temperature > 0, random remasking).
+        device: cpu, cuda or cuda:N.
+        json: Print {"text", "ids", "reveal_step"} as one JSON object.
+        show: Show the denoising live in the terminal (tokens coloured by reveal step).
+    """
+    from remask.app.display import DenoisingView
+    from remask.app.pipeline import Pipeline, check_seed
+
+    text = read_prompt(prompt, prompt_file)
+    check_seed(seed)
+    pipe = Pipeline.load(model, device=device)
+    view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler) if show and not json else None
+    result = pipe.generate(text, sampler, chat=chat, seed=seed, on_step=view)
+    if json:
+        print(jsonlib.dumps({"text": result.text, "ids": result.ids, "reveal_step": result.reveal_step,
+                             "ended": result.ended}, ensure_ascii=False))
+    elif view is None:
+        print(result.text)
+
+
+CHAT_SAMPLER = SamplerConfig(gen_length=128, steps=128, block_length=32)
+
+
+def chat(model: Path, sampler: Annotated[SamplerConfig, Flat] = CHAT_SAMPLER, seed: int = 0,
+         device: str = "cpu") -> None:
+    """Chat in the terminal (multi-turn, through the chat template), watching each answer unmask.
+
+    Args:
+        model: A model directory.
+        sampler: Sampler settings.
+        seed: Random seed of the first turn (turn k uses seed + k).
+        device: cpu, cuda or cuda:N.
+    """
+    from remask.app.chat import ChatSession, terminal_chat
+    from remask.app.pipeline import Pipeline, check_seed
+
+    check_seed(seed)
+    terminal_chat(ChatSession(Pipeline.load(model, device=device), sampler, seed=seed))
+
+
+@dataclass(frozen=True)
+class PretrainCommand:
+    """Pretrain a masked diffusion LM (or, with --objective ar, its autoregressive twin)."""
+
+    config: Path | None = None
+    """A recipe YAML (recipes/*.yaml); options given beside it override its values."""
+    train: Annotated[PretrainConfig, Flat] = field(default_factory=PretrainConfig)
+
+
+@dataclass(frozen=True)
+class SFTCommand:
+    """Supervised fine-tuning of a model directory on JSONL dialogues (--model DIR --data FILE.jsonl)."""
+
+    config: Path | None = None
+    """A recipe YAML (recipes/*.yaml); options given beside it override its values."""
+    train: Annotated[SFTConfig, Flat] = field(default_factory=SFTConfig)
+
+
+def pretrain(command: PretrainCommand) -> None:
+    from remask.train.pretrain import pretrain as run
+
+    print(f"saved {run(command.train)}", file=sys.stderr)
+
+
+def sft(command: SFTCommand) -> None:
+    from remask.train.sft import sft as run
+
+    print(f"saved {run(command.train)}", file=sys.stderr)
+
+
+def demo(retrain: bool = False, out: Path = Path("runs/demo"), samples: int = 3, seed: int = 0) -> None:
+    """The main job: pretrain a small diffusion LM on the 300 Tang poems, then watch it write.
+
+    Args:
+        retrain: Train again even if a finished demo run exists.
+        out: Run directory of the demo model.
+        samples: How many poems to generate after training.
+        seed: Random seed of the first poem.
+    """
+    from remask.app.demo import demo as run
+
+    run(out=out, retrain=retrain, samples=samples, seed=seed)
+
+
+def plot(runs: Annotated[list[Path], Positional], out: Path = Path("loss.png")) -> None:
+    """Plot training and validation loss curves of one or more runs into a PNG.
+
+    Args:
+        runs: Run directories (each with metrics.jsonl).
+        out: Output PNG file.
+    """
+    from remask.app.plot import plot_runs
+
+    print(plot_runs(runs, out))
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: `schema` is what tyro parses (a function it calls, or a dataclass handed to
+    `run`); `recipe` is the training config class a `--config` file holds, if any."""
+
+    schema: Callable[..., Any] | type
+    run: Callable[[Any], None] | None = None
+    recipe: type | None = None
+
+    @property
+    def summary(self) -> str:
+        return (self.schema.__doc__ or "").strip().splitlines()[0]
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(demo),
+    "info": Command(info),
+    "generate": Command(generate),
+    "chat": Command(chat),
+    "pretrain": Command(PretrainCommand, pretrain, recipe=PretrainConfig),
+    "sft": Command(SFTCommand, sft, recipe=SFTConfig),
+    "plot": Command(plot),
+}

@@ -1,0 +1,101 @@
+"""A loaded model directory (weights + tokenizer) and text-in, text-out generation.
+
+The CLI, the demo, chat and the server all go through `Pipeline`, so they format prompts and
+read answers the same way. An answer ends at the first end-of-text (or end-of-turn) token the
+model predicts: `gen_length` is a limit, not a canvas to fill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from remask.checkpoint import load_model_dir
+from remask.config import SEED_LIMIT
+from remask.errors import ConfigError, RemaskError
+from remask.model import Transformer
+from remask.sampling import SamplerConfig, StepInfo, generate
+from remask.tokenizer import Tokenizer
+
+
+@dataclass
+class Generation:
+    text: str  # the answer, before its end-of-text
+    ids: list[int]  # answer ids up to and including the end-of-text (all gen_length if none came)
+    reveal_step: list[int]  # per id, the global step at which it was revealed
+    ended: bool  # the model produced an end-of-text within gen_length
+
+
+def check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"must be an integer in [0, 2**63), got {seed!r}", field="seed")
+    return seed
+
+
+@dataclass
+class Pipeline:
+    model: Transformer
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+        return cls(*load_model_dir(directory, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def model_fn(self, ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.model(ids, attention_mask)[..., : self.model.config.vocab_size]  # drop padded rows
+
+    def stop_ids(self) -> list[int]:
+        return [i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None]
+
+    def encode_prompt(self, prompt: str | list[dict], *, chat: bool = False) -> list[int]:
+        """Prompt ids: a dialogue (a list of messages, or one user turn with `chat`) rendered with
+        the chat template and the assistant header, or raw text after the BOS token (pretraining
+        puts BOS at the start of every document). Text is encoded as plain text."""
+        if isinstance(prompt, list):
+            return self.tokenizer.render_chat(prompt, add_generation_prompt=True)
+        if chat:
+            return self.tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        bos = self.tokenizer.bos_id
+        return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt, where="prompt")
+
+    def answer(self, ids: list[int], reveal_step: list[int]) -> Generation:
+        """Cut a sampled answer at its first stop token."""
+        stops = set(self.stop_ids())
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        cut = len(ids) if end is None else end
+        keep = len(ids) if end is None else end + 1
+        return Generation(self.tokenizer.decode(ids[:cut]), ids[:keep], reveal_step[:keep], end is not None)
+
+    def generate(self, prompt: str | list[dict], sampler: SamplerConfig, *, chat: bool = False, seed: int = 0,
+                 on_step: Callable[[StepInfo], None] | None = None) -> Generation:
+        """Sample an answer to one prompt (text, or a dialogue's messages); `on_step` sees every
+        denoising step."""
+        return self.generate_ids(self.encode_prompt(prompt, chat=chat), sampler, seed=seed, on_step=on_step)
+
+    def generate_ids(self, prompt_ids: list[int], sampler: SamplerConfig, *, seed: int = 0,
+                     on_step: Callable[[StepInfo], None] | None = None) -> Generation:
+        """Sample an answer after already-encoded prompt ids."""
+        check_seed(seed)
+        limit = self.model.config.max_sequence_length
+        if len(prompt_ids) + sampler.gen_length > limit:
+            raise RemaskError(f"prompt ({len(prompt_ids)} tokens) + gen_length ({sampler.gen_length}) exceeds the "
+                              f"model's context of {limit} tokens")
+        last: list[StepInfo] = []
+
+        def record(info: StepInfo) -> None:
+            last[:] = [info]
+            if on_step is not None:
+                on_step(info)
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generate(self.model_fn, torch.tensor([prompt_ids], device=self.device), sampler, mask_id=self.tokenizer.mask_id,
+                 eos_ids=self.stop_ids(), generator=generator, on_step=record)
+        return self.answer(*last[0].answer(0))

@@ -1,0 +1,38 @@
+"""A model directory as a whole: the weights and the tokenizer beside them, checked against each
+other (a tokenizer whose ids the model cannot embed, or whose special tokens are not the ones
+config.json names, would make every later step wrong)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from remask.checkpoint.storage import load_model
+from remask.config import ModelConfig
+from remask.device import resolve_device
+from remask.errors import RemaskError
+from remask.model import Transformer
+from remask.tokenizer import Tokenizer
+
+
+def check_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer, where: str | os.PathLike[str]) -> None:
+    """RemaskError unless the tokenizer's ids fit the model and its special tokens are config.json's."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise RemaskError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                          f"{cfg.vocab_size}")
+    for name, key in (("mask", "mask_token_id"), ("eos", "eos_token_id")):
+        expected, actual = getattr(cfg, key), tokenizer.special_ids[name]
+        if expected is not None and expected != actual:
+            raise RemaskError(f"{where}: config.json says {key}={expected} but the tokenizer's {name} token "
+                              f"{tokenizer.special_tokens[name]!r} has id {actual}")
+
+
+def load_model_dir(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """(model in eval mode on `device`, tokenizer) of a model directory, checked against each other."""
+    target = resolve_device(device)
+    model = load_model(directory, device=target, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(directory)
+    check_tokenizer(model.config, tokenizer, directory)
+    return model, tokenizer

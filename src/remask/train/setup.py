@@ -1,0 +1,73 @@
+"""What the training workflows share: checking the run directory before anything is written,
+starting the processes, building the model, and cutting held-out data into batches.
+
+Pretraining and SFT import from here and from `loop`; they never import each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from remask.atomic import check_writable_dir
+from remask.checkpoint import load_model
+from remask.config import ModelConfig
+from remask.errors import RemaskError
+from remask.model import Transformer, build_model
+from remask.train import distributed as D
+from remask.train.config import Objective, RunConfig
+from remask.train.state import latest_checkpoint
+
+
+def check_run_dir(run: RunConfig) -> None:
+    """Everything about RUN_DIR that would otherwise fail later: not a file, writable (or
+    creatable), its parts not files, and an existing run only with --resume. Writes nothing."""
+    out = run.out
+    if out.exists() and not out.is_dir():
+        raise RemaskError(f"run directory {out} exists and is not a directory")
+    for part in ("checkpoints", "final", "best"):
+        if (out / part).exists() and not (out / part).is_dir():
+            raise RemaskError(f"{out / part} exists and is not a directory; the run needs it for its checkpoints")
+    if (out / "metrics.jsonl").is_dir():
+        raise RemaskError(f"{out / 'metrics.jsonl'} is a directory; the run writes its metrics there")
+    check_writable_dir(out, "run directory")
+    if (out / "checkpoints").is_dir():
+        check_writable_dir(out / "checkpoints", "checkpoint directory")
+    found = latest_checkpoint(out)
+    if run.resume:
+        return
+    if found is not None:
+        raise RemaskError(f"{out} already holds a run (step {found[0]}); pass --resume to continue it "
+                          "or choose another --out")
+    if (out / "final").is_dir():
+        raise RemaskError(f"{out} already holds a finished run (final/); choose another --out")
+
+
+def start(run: RunConfig) -> D.DistInfo:
+    """Check the run directory, then join torchrun's process group (if any) on the chosen device."""
+    check_run_dir(run)
+    return D.init_distributed(run.device)
+
+
+def build_run_model(architecture: ModelConfig | None, init_from: Path | None, objective: Objective, *,
+                    seq_len: int, seed: int, device: torch.device) -> Transformer:
+    """A fresh model of `architecture`, or init_from's weights; causal iff the objective is AR."""
+    causal = objective == "ar"
+    if init_from is not None:
+        loaded = load_model(init_from)
+        cfg = loaded.config.replace(causal=causal)
+    else:
+        cfg = architecture.replace(causal=causal)
+    if seq_len > cfg.max_sequence_length:
+        raise RemaskError(f"seq_len {seq_len} exceeds the model's max_sequence_length {cfg.max_sequence_length}")
+    if init_from is None:
+        return build_model(cfg, seed=seed).to(device)
+    model = Transformer(cfg)
+    model.load_state_dict(loaded.state_dict())
+    return model.to(device)
+
+
+def micro_batch_size(micro: int | None, batch_size: int, info: D.DistInfo) -> int:
+    """Rows per forward pass (validation uses the training micro-batch size)."""
+    return micro or max(1, batch_size // info.world)
