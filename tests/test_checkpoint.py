@@ -504,3 +504,12 @@ def test_replacing_checkpoint_succeeds(tmp_path, ids):
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert leftovers(tmp_path) == []
     assert torch.equal(logits(load_model(target), ids), logits(new, ids))
+
+
+def test_every_file_of_a_checkpoint_has_the_same_mode(tmp_path):
+    from remask.atomic import DIR_MODE, FILE_MODE
+
+    target = save_model(build_model(tiny()), tmp_path / "ck", max_shard_bytes=3000)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
+    assert set(modes.values()) == {FILE_MODE}, modes  # safetensors alone would write its files 0600
+    assert target.stat().st_mode & 0o777 == DIR_MODE

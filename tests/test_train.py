@@ -369,3 +369,22 @@ def test_torch_compile_trains_like_eager(corpus, tmp_path):
     pretrain(tiny_cfg(corpus, compiled, max_steps=2, val_every=100, save_every=2, short_batch_prob=0.0, compile=True))
     for a, b in zip(metrics(eager), metrics(compiled)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_final_can_hold_the_best_validation_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    final = pretrain(tiny_cfg(corpus, run, max_steps=12, val_every=3, save_every=3, final="best", lr=3e-2))
+    vals = [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]
+    best_step, best_val = min(vals, key=lambda sv: sv[1])
+    assert best_step < 12, vals  # the setting overfits, so best and last differ
+    note = json.loads((final / "remask_training.json").read_text())
+    assert (note["step"], note["val_loss"], note["kept"]) == (best_step, best_val, "best")
+    # final/ holds exactly the weights that gave the best validation loss: re-validate them.
+    from remask.train.loop import validation_fn
+    from remask.train.pretrain import setup
+
+    job = setup(tiny_cfg(corpus, tmp_path / "other", max_steps=12, val_every=3))
+    job.model.load_state_dict(load_model(final).state_dict())
+    assert validation_fn(job)(job.model)["val_loss"] == pytest.approx(best_val, rel=1e-6)
+    last = pretrain(tiny_cfg(corpus, tmp_path / "last", max_steps=12, val_every=3, save_every=3, lr=3e-2))
+    assert json.loads((last / "remask_training.json").read_text())["step"] == 12

@@ -4,10 +4,7 @@ The package attributes load on first use, so `import remask` (and the CLI's star
 cheap until torch is actually needed.
 """
 
-from __future__ import annotations
-
 import importlib
-from typing import Any
 
 __all__ = ["PRESETS", "ModelConfig", "Transformer", "build_model", "preset"]
 __version__ = "0.1.0"
@@ -16,7 +13,7 @@ _LAZY = {"PRESETS": "remask.config", "ModelConfig": "remask.config", "preset": "
          "Transformer": "remask.model", "build_model": "remask.model"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'remask' has no attribute {name!r}")

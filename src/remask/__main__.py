@@ -1,7 +1,5 @@
 """`python -m remask <command>` (also what `torchrun -m remask` runs)."""
 
-import sys
+from remask.app.cli import entry
 
-from remask.app.cli import main
-
-sys.exit(main())
+entry()

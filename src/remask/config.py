@@ -98,7 +98,8 @@ def _check_bounds(cls: type, name: str, value: Any, bounds: tuple) -> None:
     for bound, ok, word in ((ge, lambda b: value >= b, ">="), (gt, lambda b: value > b, ">"),
                             (le, lambda b: value <= b, "<="), (lt, lambda b: value < b, "<")):
         if bound is not None and not ok(bound):
-            raise ConfigError(f"must be {word} {bound:g}, got {value!r}", field=name, owner=cls)
+            shown = bound if isinstance(bound, int) else f"{bound:g}"
+            raise ConfigError(f"must be {word} {shown}, got {value!r}", field=name, owner=cls)
 
 
 class ConfigBase:

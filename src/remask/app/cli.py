@@ -8,19 +8,8 @@ This module imports only the standard library at load time, so that an interrupt
 heavy imports (torch) is caught by `main` like any other.
 """
 
-from __future__ import annotations
-
 import os
 import sys
-import typing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-
-@dataclass
-class RecipeOption:
-    config: Path | None = None
 
 
 def usage(commands: dict) -> str:
@@ -32,12 +21,12 @@ def usage(commands: dict) -> str:
 # --- parse errors and config errors as one line -------------------------------------------------------
 
 
-def _flag(argument: Any) -> str:
+def _flag(argument) -> str:
     names = [n for n in getattr(argument.lowered, "name_or_flags", ()) if n.startswith("--")]
     return min(names, key=len) if names else argument.display_name()
 
 
-def parse_error_line(event: Any) -> str:
+def parse_error_line(event) -> str:
     """One line for a tyro parse-error event (tyro's boxed rendering is for humans at a terminal)."""
     kind = type(event).__name__
     if kind == "MissingArgs":
@@ -59,15 +48,16 @@ class ParseError(Exception):
     pass
 
 
-def option_names(schema: Any) -> dict[tuple[type | None, str], str]:
+def option_names(schema) -> dict:
     """(config class, field) -> the option a user types for it, for every field of `schema`
     (a command function or dataclass), nested configs included. Short aliases win."""
     import dataclasses
     import inspect
+    import typing
 
-    out: dict[tuple[type | None, str], str] = {}
+    out = {}
 
-    def walk(owner: Any, prefix: str) -> None:
+    def walk(owner, prefix: str) -> None:
         hints = typing.get_type_hints(owner, include_extras=True)
         names = ([f.name for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner)
                  else list(inspect.signature(owner).parameters))
@@ -89,7 +79,7 @@ def option_names(schema: Any) -> dict[tuple[type | None, str], str]:
     return out
 
 
-def config_error_line(error: Any, schema: Any) -> str:
+def config_error_line(error, schema) -> str:
     """A ConfigError with its field shown as the option that sets it (`--lr must be > 0, got -1`)."""
     if error.field is None:
         return str(error)
@@ -103,15 +93,22 @@ def config_error_line(error: Any, schema: Any) -> str:
 # --- running a command ----------------------------------------------------------------------------------
 
 
-def parse(command: Any, argv: list[str], prog: str) -> Any:
+def parse(command, argv: list[str], prog: str):
     """tyro over the command's schema; `--config RECIPE.yaml` first supplies the defaults of a
     training command. Parse errors raise ParseError with one line."""
+    from dataclasses import dataclass
+    from pathlib import Path
+
     import tyro
     from tyro import _errors as tyro_errors  # the parse-error hook: structured events, no scraping
 
     from remask.train.config import load_recipe
 
-    def hook(event: Any) -> None:
+    @dataclass
+    class RecipeOption:
+        config: Path | None = None
+
+    def hook(event) -> None:
         raise ParseError(parse_error_line(event))
 
     with tyro_errors.on_parse_error(hook):
@@ -165,5 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The `remask` program: main(), then exit with its code. An interrupted run exits at once
+    (os._exit): CPython would otherwise re-raise SIGINT at shutdown when the interrupt landed in
+    some C-level import, turning exit code 130 into a kill by signal."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -122,11 +122,9 @@ def documents_from_path(path: Path) -> list[str]:
 
 
 def package_indexes() -> list[str]:
-    """The simple-API index URLs pip is configured with (PIP_INDEX_URL / pip config, then the extra
-    indexes), else pip's own default index."""
-    found: list[str] = []
-    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
-        found += os.environ.get(key, "").split()
+    """The simple-API index URLs pip would use: its index URL (PIP_INDEX_URL, `pip config`, else
+    pip's own default), then the extra ones."""
+    main, extra = os.environ.get("PIP_INDEX_URL", "").split(), os.environ.get("PIP_EXTRA_INDEX_URL", "").split()
     try:
         out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                              timeout=120).stdout
@@ -134,16 +132,20 @@ def package_indexes() -> list[str]:
         out = ""
     for line in out.splitlines():  # global.index-url='https://...'
         key, _, value = line.partition("=")
-        if key.endswith(("index-url", "extra-index-url")) and not key.startswith(":env:"):
-            found += value.strip().strip("'\"").split()
-    if not found:
+        if key.startswith(":env:"):
+            continue
+        if key.endswith(".extra-index-url"):
+            extra += value.strip().strip("'\"").split()
+        elif key.endswith(".index-url") and not main:
+            main = value.strip().strip("'\"").split()
+    if not main:
         try:
             from pip._internal.models.index import PyPI
 
-            found.append(PyPI.simple_url)
+            main = [PyPI.simple_url]
         except ImportError:
             pass
-    return list(dict.fromkeys(u for u in found if u))
+    return list(dict.fromkeys(u for u in main + extra if u))
 
 
 def _fetch(url: str) -> bytes:
@@ -161,7 +163,8 @@ def fetch_sdist(filename: str, sha256: str, indexes: list[str] | None = None) ->
     for index in indexes if indexes is not None else package_indexes():
         page_url = index.rstrip("/") + f"/{project}/"
         try:
-            page = _fetch(page_url).decode("utf-8", "replace")
+            # A local (file://) index keeps each project page as the directory's index.html.
+            page = _fetch(page_url + ("index.html" if page_url.startswith("file:") else "")).decode("utf-8", "replace")
         except (OSError, ValueError) as e:
             tried.append(f"{page_url}: {e}")
             continue
