@@ -14,7 +14,7 @@ import sys
 
 def usage(commands: dict) -> str:
     lines = ["usage: remask <command> [options]   (remask <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<10} {command.summary}" for name, command in commands.items()]
+    lines += [f"  {name:<14} {command.summary}" for name, command in commands.items()]
     return "\n".join(lines)
 
 
@@ -38,7 +38,12 @@ def parse_error_line(event) -> str:
         return f"invalid choice {event.value!r} for {_flag(event.argument)}; choose from {', '.join(map(str, event.choices))}"
     if kind == "InstantiationFailure":
         where = _flag(event.argument) if event.argument is not None else None
-        return f"invalid value for {where}: {event.message}" if where else str(event.message)
+        message = str(event.message)
+        for prefix, wanted in (("invalid literal for int() with base 10: ", "an integer"),
+                               ("could not convert string to float: ", "a number")):
+            if message.startswith(prefix) and where:
+                return f"{where} expects {wanted}, got {message.removeprefix(prefix)}"
+        return f"invalid value for {where}: {message}" if where else message
     if kind == "BadValue":
         return f"bad value for {_flag(event.argument)}"
     return f"invalid arguments ({kind})"
@@ -128,11 +133,16 @@ def run(argv: list[str]) -> int:
         print(usage(COMMANDS))
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "eval" and rest and not rest[0].startswith("-"):  # two-word commands: `eval ppl`, ...
+        name, rest = f"eval {rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     command = COMMANDS[name]
     try:
+        if command.raw:
+            command.schema(rest)
+            return 0
         parsed = parse(command, rest, prog=f"remask {name}")
         if command.run is not None:
             command.run(parsed)

@@ -14,11 +14,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
 from remask.errors import RemaskError
+from remask.eval.scoring import ScoringConfig
 from remask.sampling import SamplerConfig
 from remask.train.config import PretrainConfig, SFTConfig
 
@@ -188,14 +189,119 @@ def plot(runs: Annotated[list[Path], Positional], out: Path = Path("loss.png")) 
     print(plot_runs(runs, out))
 
 
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _print_report(report: dict, json: bool) -> None:
+    if json:
+        print(jsonlib.dumps(report, ensure_ascii=False, allow_nan=False))
+        return
+    for key, value in report.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:<24} {shown}")
+
+
+def eval_ppl(model: Path, data: str, scoring: Annotated[ScoringConfig, Flat] = ScoringConfig(),
+             split: Literal["val", "all"] = "val", val_fraction: float = 0.05, stride: int | None = None,
+             device: str = "cpu", json: bool = False, progress: bool = True) -> None:
+    """Perplexity on held-out text: the diffusion model's NLL bound or the AR twin's exact NLL.
+
+    Args:
+        model: A model directory (diffusion model or AR twin: chosen from its config).
+        data: A corpus: builtin:NAME, a .txt/.jsonl file or a directory.
+        scoring: How log-likelihoods are computed.
+        split: val: the documents pretraining held out (at --val-fraction); all: every document.
+        val_fraction: The held-out fraction pretraining used (data.val_fraction).
+        stride: Tokens scored per window (default: half the model's context); each window conditions on
+            the tokens before it, up to the context.
+        device: cpu, cuda or cuda:N.
+        json: Print one JSON object.
+        progress: Show a progress bar.
+    """
+    from remask.eval.common import held_out_documents, open_scorer
+    from remask.eval.perplexity import perplexity, rolling_windows
+
+    scorer, tok = open_scorer(model, scoring, device=device)
+    docs = held_out_documents(data, split, val_fraction)
+    window = stride or scorer.max_len // 2
+    prefix = [tok.bos_id] if tok.bos_id is not None else []
+    total = sum(len(rolling_windows(tok.encode(d), prefix, scorer.max_len, window)) for d in docs)
+    bar = _progress(total, progress and not json, "windows")
+    result = perplexity(scorer, tok, docs, stride=window, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    _print_report({"model": str(model), "data": data, "split": split, "stride": window} | result.report()
+                  | {"scoring": scoring.to_dict()}, json)
+
+
+def eval_choice(model: Path, task: Path, scoring: Annotated[ScoringConfig, Flat] = ScoringConfig(),
+                normalize: Literal["none", "tokens", "bytes"] = "bytes", device: str = "cpu", json: bool = False,
+                progress: bool = True) -> None:
+    """Multiple-choice accuracy (with a 95% confidence interval) by each option's log-likelihood.
+
+    Args:
+        model: A model directory (diffusion model or AR twin).
+        task: A JSONL file of {"context", "choices", "answer"} items.
+        scoring: How log-likelihoods are computed.
+        normalize: The unit of accuracy_norm's length normalisation.
+        device: cpu, cuda or cuda:N.
+        json: Print one JSON object.
+        progress: Show a progress bar.
+    """
+    from remask.eval.choice import evaluate_choice, load_task
+    from remask.eval.common import open_scorer
+
+    items = load_task(task)
+    scorer, tok = open_scorer(model, scoring, device=device)
+    bar = _progress(len(items), progress and not json, "items")
+    result = evaluate_choice(scorer, tok, items, normalize=normalize, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    _print_report({"model": str(model), "task": str(task)} | result.report() | {"scoring": scoring.to_dict()}, json)
+
+
+def eval_harness(argv: list[str]) -> None:
+    """lm-evaluation-harness's own CLI with the `remask` model registered (pip install 'remask[eval]').
+
+    Its arguments pass through unchanged (`remask eval harness --model remask --model_args
+    pretrained=DIR --tasks remask_capitals`); remask's local tasks are on the include path, and
+    without CUDA the device defaults to the CPU.
+    """
+    import os
+
+    try:
+        import remask.eval.harness as harness
+    except ImportError:
+        raise RemaskError("remask eval harness needs lm-eval: pip install 'remask[eval]'") from None
+    import torch
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(argv)
+    listing = bool(args) and args[0] in ("ls", "validate")
+    if not any(a.startswith("--include_path") for a in args):
+        args += ["--include_path", harness.tasks_dir()]
+    if not listing and not any(a.startswith("--device") for a in args) and not torch.cuda.is_available():
+        args += ["--device", "cpu"]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks need no hub; a hub task fails fast offline
+    sys.argv = ["remask eval harness", *args]
+    cli_evaluate()
+
+
 @dataclass(frozen=True)
 class Command:
     """A command: `schema` is what tyro parses (a function it calls, or a dataclass handed to
-    `run`); `recipe` is the training config class a `--config` file holds, if any."""
+    `run`); `recipe` is the training config class a `--config` file holds, if any; a `raw`
+    command gets its arguments unparsed."""
 
     schema: Callable[..., Any] | type
     run: Callable[[Any], None] | None = None
     recipe: type | None = None
+    raw: bool = False
 
     @property
     def summary(self) -> str:
@@ -210,4 +316,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(PretrainCommand, pretrain, recipe=PretrainConfig),
     "sft": Command(SFTCommand, sft, recipe=SFTConfig),
     "plot": Command(plot),
+    "eval ppl": Command(eval_ppl),
+    "eval choice": Command(eval_choice),
+    "eval harness": Command(eval_harness, raw=True),
 }

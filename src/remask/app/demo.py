@@ -36,6 +36,8 @@ def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: i
         raise RemaskError(f"--samples must be an integer >= 0, got {samples!r}")
     final = out / "final"
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if out.exists() and not out.is_dir():
+        raise RemaskError(f"run directory {out} exists and is not a directory")
     if retrain and out.exists():
         if not is_run_dir(out):
             raise RemaskError(f"{out} exists and is not a remask run directory; refusing to delete it")

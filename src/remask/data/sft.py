@@ -43,7 +43,7 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
     """Dialogues from JSONL; a bad line is a one-line error naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise RemaskError(f"SFT data {path} does not exist")
+        raise RemaskError(f"SFT data {path} does not exist" if not path.exists() else f"SFT data {path} is not a file")
     conversations = [parse_record(record, f"{path}:{n}") for n, record in read_jsonl(path)]
     if not conversations:
         raise RemaskError(f"SFT data {path} is empty")

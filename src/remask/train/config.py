@@ -39,6 +39,10 @@ class _ModelSectionBase(ConfigBase):
     def overrides(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS if getattr(self, name) is not None}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Only what is set: a preset, and the overrides actually given."""
+        return {k: v for k, v in super().to_dict().items() if v is not None or k == "preset"}
+
     def check(self) -> None:
         self.need(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         self.need(self.init_from is None or not self.overrides(), "init_from",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from remask.checkpoint import load_config
 from remask.data.corpora import read_corpus
 from remask.data.packing import PackedBatches, short_length
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
@@ -24,6 +25,7 @@ from remask.train.state import latest_checkpoint
 def run_tokenizer(cfg: PretrainConfig, docs: list[str]) -> Tokenizer:
     """The model's own (init_from), the run's own (resume), or one trained on the corpus."""
     if cfg.model.init_from is not None:
+        load_config(cfg.model.init_from)  # a clear error for a missing or broken model directory
         return Tokenizer.from_dir(cfg.model.init_from)
     found = latest_checkpoint(cfg.run.out) if cfg.run.resume else None
     if found is not None:
