@@ -206,7 +206,10 @@ def _print_report(report: dict, json: bool) -> None:
         print(f"{key:<24} {shown}")
 
 
-def eval_ppl(model: Path, data: str, scoring: Annotated[ScoringConfig, Flat] = ScoringConfig(),
+SCORING = ScoringConfig()
+
+
+def eval_ppl(model: Path, data: str, scoring: Annotated[ScoringConfig, Flat] = SCORING,
              split: Literal["val", "all"] = "val", val_fraction: float = 0.05, stride: int | None = None,
              device: str = "cpu", json: bool = False, progress: bool = True) -> None:
     """Perplexity on held-out text: the diffusion model's NLL bound or the AR twin's exact NLL.
@@ -239,7 +242,7 @@ def eval_ppl(model: Path, data: str, scoring: Annotated[ScoringConfig, Flat] = S
                   | {"scoring": scoring.to_dict()}, json)
 
 
-def eval_choice(model: Path, task: Path, scoring: Annotated[ScoringConfig, Flat] = ScoringConfig(),
+def eval_choice(model: Path, task: Path, scoring: Annotated[ScoringConfig, Flat] = SCORING,
                 normalize: Literal["none", "tokens", "bytes"] = "bytes", device: str = "cpu", json: bool = False,
                 progress: bool = True) -> None:
     """Multiple-choice accuracy (with a 95% confidence interval) by each option's log-likelihood.

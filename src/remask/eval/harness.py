@@ -121,8 +121,7 @@ class RemaskLM(LM):
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            context, kwargs = r.args[0], dict(r.args[1] or {})
-            groups.setdefault(self._sampler_key(kwargs), []).append(i)
+            groups.setdefault(self._sampler_key(dict(r.args[1] or {})), []).append(i)
         for (gen_length, temperature), members in groups.items():
             sampler = self._sampler(gen_length, temperature)
             for start in range(0, len(members), self.batch_size):
