@@ -268,6 +268,67 @@ def eval_choice(model: Path, task: Path, scoring: Annotated[ScoringConfig, Flat]
     _print_report({"model": str(model), "task": str(task)} | result.report() | {"scoring": scoring.to_dict()}, json)
 
 
+REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
+
+
+def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path, sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
+                  kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill"] = "qa", seed: int = 0,
+                  batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
+    """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
+
+    Args:
+        model: Model directories (fine-tuned diffusion models or AR twins); give --model once per model.
+        test: JSONL of {"first": str, "second": str} pairs (two halves of a couplet, or country and capital).
+        sampler: Sampler settings of a diffusion model's answers (the AR twin decodes greedily, or samples
+            at --temperature).
+        kind: Which questions to ask: poem (X的下一句是什么？/ X的上一句是什么？) or capital.
+        mode: qa: ask the questions through the chat template; infill: a base diffusion model fills
+            the masked half next to the known one (no SFT needed).
+        seed: Random seed.
+        batch_size: Questions answered together.
+        device: cpu, cuda or cuda:N.
+        json: Print one JSON object.
+    """
+    from remask.app.pipeline import Pipeline, check_seed
+    from remask.eval.reversal import (
+        DIRECTIONS,
+        Pair,
+        answer_questions,
+        infill_answers,
+        load_holdout,
+        question,
+        score_answers,
+    )
+
+    check_seed(seed)
+    if not model:
+        raise RemaskError("give at least one --model DIR")
+    pairs = [Pair(a, b, i) for i, (a, b) in enumerate(load_holdout(test))]
+    report: dict = {"test": str(test), "kind": kind, "mode": mode, "sampler": sampler.to_dict(), "models": {}}
+    for directory in model:
+        pipe = Pipeline.load(directory, device=device)
+        if mode == "infill" and pipe.model.config.causal:
+            raise RemaskError(f"{directory} is an AR twin: infilling needs a diffusion model (use --mode qa)")
+        row = {"kind": "autoregressive" if pipe.model.config.causal else "diffusion"}
+        for direction in DIRECTIONS:
+            golds = [p.second if direction == "forward" else p.first for p in pairs]
+            if mode == "infill":
+                answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed)
+            else:
+                questions = [question(kind, direction, p)[0] for p in pairs]
+                answers = answer_questions(pipe, questions, sampler=sampler, max_new_tokens=sampler.gen_length,
+                                           seed=seed, batch_size=batch_size)
+            scored = score_answers(answers, golds)
+            row[direction], row[f"{direction}_exact"], row["n"] = scored["accuracy"], scored["exact"], scored["n"]
+        report["models"][str(directory)] = row
+    if json:
+        print(jsonlib.dumps(report, ensure_ascii=False))
+        return
+    print(f"{'model':<40} {'kind':<15} {'forward':>8} {'backward':>9} {'n':>5}")
+    for name, row in report["models"].items():
+        print(f"{name:<40} {row['kind']:<15} {row['forward']:>8.3f} {row['backward']:>9.3f} {row['n']:>5}")
+
+
 def eval_harness(argv: list[str]) -> None:
     """lm-evaluation-harness's own CLI with the `remask` model registered (pip install 'remask[eval]').
 
@@ -321,5 +382,6 @@ COMMANDS: dict[str, Command] = {
     "plot": Command(plot),
     "eval ppl": Command(eval_ppl),
     "eval choice": Command(eval_choice),
+    "eval reversal": Command(eval_reversal),
     "eval harness": Command(eval_harness, raw=True),
 }

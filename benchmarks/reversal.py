@@ -1,0 +1,284 @@
+"""The reversal curse, side by side: a masked diffusion model and its AR twin (same size, data,
+token count and recipe) pretrained on poems and facts, fine-tuned on forward and backward questions
+about part of them, and tested on the rest, which they saw in pretraining only.
+
+    python benchmarks/reversal.py [--poems FILE] [--holdout PAIRS.jsonl] [--parts train eval ablations]
+
+- pretraining data: `--poem-count` poems of the fortune-format `--poems` file (default: the 300
+  Tang poems) and the country -> capital facts, one sentence each (country first);
+- SFT: `X的下一句是什么？` / `X的上一句是什么？` (and "What is the capital of X?" / "Which country has the
+  capital Y?") for the pairs of the SFT documents, both directions;
+- test: the pairs of the held-out documents (or `--holdout` pairs: their poems are held out),
+  both directions; an answer counts when it contains the gold half-line (exact match too);
+  also the base diffusion model by plain infilling (`X，[M]*n。` / `[M]*n，Y。`), no SFT;
+- ablations (`--parts ablations`): forward/backward accuracy of the SFT'd diffusion model against
+  sampling steps, remasking, block length, guidance scale and answer length.
+
+Models are kept under `--out` (default runs/reversal/) and reused when their recipe is unchanged.
+Writes benchmarks/results/reversal.json (and reversal_ablations.json + PNGs with --parts ablations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from _common import RESULTS_DIR, write_result
+
+from remask.app.pipeline import Pipeline
+from remask.atomic import write_text
+from remask.data.corpora import tang300_poems
+from remask.eval.reversal import (
+    DIRECTIONS,
+    QUESTIONS,
+    ReversalSet,
+    answer_questions,
+    capital_set,
+    infill_answers,
+    load_holdout,
+    poem_set,
+    question,
+    score_answers,
+    sft_dialogues,
+    split,
+    write_jsonl,
+)
+from remask.sampling import SamplerConfig
+from remask.train.config import (
+    CorpusData,
+    DialogueData,
+    ModelSection,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    SFTConfig,
+)
+from remask.train.pretrain import pretrain
+from remask.train.sft import sft
+
+OBJECTIVES = ("mdm", "ar")
+
+
+def choose_poems(all_poems, count: int, seed: int, holdout: list[tuple[str, str]] | None):
+    """`count` poems with couplets (a seeded choice), always including those that hold `holdout` pairs."""
+    data = poem_set(all_poems)
+    with_pairs = sorted(data.by_source())
+    needed = set()
+    if holdout is not None:
+        index = {(p.first, p.second): p.source for p in data.pairs}
+        needed = {index[pair] for pair in holdout if pair in index}
+    rest = [i for i in with_pairs if i not in needed]
+    chosen = sorted(needed | set(random.Random(seed).sample(rest, max(0, min(count, len(with_pairs)) - len(needed)))))
+    return [all_poems[i] for i in chosen], data.stats
+
+
+def corpus_text(sets: list[ReversalSet]) -> str:
+    """Fortune format: every document one entry; a last entry holds the question templates' words
+    (no pair in it) so the character tokenizer knows them."""
+    template_words = " ".join(t.format(x="") for kinds in QUESTIONS.values() for t in kinds.values())
+    docs = [d for s in sets for d in s.documents] + [template_words]
+    return "\n%\n".join(docs) + "\n"
+
+
+def recipe(args, objective: str, corpus: Path, out: Path) -> PretrainConfig:
+    return PretrainConfig(
+        objective=objective, model=ModelSection(preset=args.preset, d_model=args.d_model, n_layers=args.n_layers,
+                                                n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size),
+        data=CorpusData(source=str(corpus), tokenizer="char", seq_len=args.seq_len, val_fraction=0.05,
+                        short_batch_prob=0.0),
+        optim=OptimConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.pretrain_steps, warmup_steps=100,
+                          decay_fraction=0.2, weight_decay=0.0),
+        run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.pretrain_steps // 4), val_every=10**6,
+                      log_every=50, progress=args.progress, resume=True))
+
+
+def sft_recipe(args, objective: str, base: Path, data: Path, out: Path) -> SFTConfig:
+    return SFTConfig(
+        model=base, objective=objective, data=DialogueData(source=data, seq_len=96, val_fraction=0.05),
+        optim=OptimConfig(lr=args.sft_lr, batch_size=args.batch_size, max_steps=args.sft_steps, warmup_steps=50,
+                          decay_fraction=0.3, weight_decay=0.0),
+        run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.sft_steps // 2), val_every=10**6, log_every=50,
+                      progress=args.progress, resume=True))
+
+
+def train_once(run: Path, config, workflow) -> Path:
+    """Train unless run/final exists from the same recipe (the recipe is compared as config.yaml)."""
+    import yaml
+
+    wanted = config.to_dict()
+    saved = run / "config.yaml"
+    if (run / "final").is_dir() and saved.is_file() and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted)):
+        print(f"reusing {run / 'final'}", file=sys.stderr)
+        return run / "final"
+    if run.exists():
+        from remask.atomic import remove_dir
+
+        remove_dir(run)
+    return workflow(config)
+
+
+def sampler_for(kind: str, args, **changes) -> SamplerConfig:
+    length = args.poem_answer_length if kind == "poem" else args.fact_answer_length
+    base = SamplerConfig(gen_length=length, steps=length, block_length=None, temperature=0.0,
+                         remasking="low_confidence")
+    return base.replace(**changes)
+
+
+def evaluate_qa(model_dir: Path, data: ReversalSet, pairs, sampler: SamplerConfig, max_new_tokens: int) -> dict:
+    pipe = Pipeline.load(model_dir)
+    out = {}
+    for direction in DIRECTIONS:
+        questions, golds = zip(*(question(data.kind, direction, p) for p in pairs))
+        answers = answer_questions(pipe, list(questions), sampler=sampler, max_new_tokens=max_new_tokens)
+        scored = score_answers(answers, list(golds))
+        out[direction], out[f"{direction}_exact"], out["n"] = scored["accuracy"], scored["exact"], scored["n"]
+        out[f"{direction}_examples"] = [{"question": q, "gold": g, "answer": a}
+                                        for q, g, a in list(zip(questions, golds, answers))[:5]]
+    return out
+
+
+def evaluate_infill(model_dir: Path, pairs, sampler: SamplerConfig) -> dict:
+    pipe = Pipeline.load(model_dir)
+    out = {}
+    for direction in DIRECTIONS:
+        golds = [p.second if direction == "forward" else p.first for p in pairs]
+        scored = score_answers(infill_answers(pipe, pairs, direction, sampler=sampler), golds)
+        out[direction], out[f"{direction}_exact"], out["n"] = scored["accuracy"], scored["exact"], scored["n"]
+    return out
+
+
+def ablations(args, models: dict, poems: ReversalSet, test) -> dict:
+    """The SFT'd diffusion model's poem accuracy against one sampler setting at a time."""
+    base = sampler_for("poem", args)
+    L = base.gen_length
+    grid = {
+        "steps": [base.replace(steps=s) for s in sorted({max(1, L // 4), max(1, L // 2), L})],
+        "remasking": [base.replace(remasking=r) for r in ("low_confidence", "random", "margin", "entropy")],
+        "block_length": [base.replace(block_length=b, steps=L) for b in (2, 4, L // 2, L) if L % b == 0],
+        "cfg_scale": [base.replace(cfg_scale=w) for w in (0.0, 0.5, 1.0, 2.0)],
+        "gen_length": [base.replace(gen_length=g, steps=g) for g in (L, 2 * L, 4 * L)],
+    }
+    out = {}
+    for name, samplers in grid.items():
+        rows = []
+        for s in samplers:
+            r = evaluate_qa(models["mdm-sft"], poems, test, s, args.poem_answer_length)
+            rows.append({"value": getattr(s, name), "forward": r["forward"], "backward": r["backward"], "n": r["n"]})
+        out[name] = rows
+    return out
+
+
+def plot_ablations(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from remask.atomic import atomic_file
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5))
+    for ax, (name, rows) in zip(axes, results.items()):
+        labels = [str(r["value"]) for r in rows]
+        x = range(len(rows))
+        ax.plot(x, [r["forward"] for r in rows], "o-", label="forward")
+        ax.plot(x, [r["backward"] for r in rows], "s-", label="backward")
+        ax.set_xticks(list(x), labels, rotation=30 if name == "remasking" else 0)
+        ax.set_title(name)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (contains gold)")
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--poems", default=None, help="fortune-format poem file (default: the shipped Tang poems)")
+    ap.add_argument("--holdout", default=None, help='JSONL of {"first", "second"} pairs to test on')
+    ap.add_argument("--out", type=Path, default=Path("runs/reversal"))
+    ap.add_argument("--parts", nargs="+", default=["train", "eval"], choices=["train", "eval", "ablations"])
+    ap.add_argument("--poem-count", type=int, default=80)
+    ap.add_argument("--test-fraction", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--d-model", type=int, default=None)
+    ap.add_argument("--n-layers", type=int, default=None)
+    ap.add_argument("--n-heads", type=int, default=None)
+    ap.add_argument("--mlp-hidden-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--pretrain-steps", type=int, default=2000)
+    ap.add_argument("--sft-lr", type=float, default=5e-4)
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--poem-answer-length", type=int, default=16)
+    ap.add_argument("--fact-answer-length", type=int, default=32)
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    timings = {}
+
+    from remask.data.corpora import decode_text, parse_fortune_poems
+
+    all_poems = tang300_poems() if args.poems is None else parse_fortune_poems(decode_text(Path(args.poems)))
+    holdout = load_holdout(args.holdout) if args.holdout else None
+    chosen, file_stats = choose_poems(all_poems, args.poem_count, args.seed, holdout)
+    poems, facts = poem_set(chosen), capital_set()
+    poem_sft, poem_test = split(poems, test_fraction=args.test_fraction, seed=args.seed, holdout=holdout)
+    fact_sft, fact_test = split(facts, test_fraction=args.test_fraction, seed=args.seed)
+    print(f"poem file: {file_stats['poems']} poems, {file_stats['couplets']} couplets kept; using "
+          f"{poems.stats['poems']} poems ({poems.stats['couplets']} couplets): {len(poem_test)} test couplets; "
+          f"{len(facts.pairs)} capital facts: {len(fact_test)} test", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts]))
+    sft_data = write_jsonl(args.out / "sft.jsonl", sft_dialogues(poems, poem_sft) + sft_dialogues(facts, fact_sft))
+    sft_halves = {h for p in poems.pairs if p.source in poem_sft for h in (p.first, p.second)}
+    assert not sft_halves & {h for p in poem_test for h in (p.first, p.second)}  # no test couplet reaches SFT
+
+    models = {}
+    for objective in OBJECTIVES:
+        t0 = time.perf_counter()
+        models[objective] = train_once(args.out / objective, recipe(args, objective, corpus, args.out / objective),
+                                       pretrain)
+        t1 = time.perf_counter()
+        models[f"{objective}-sft"] = train_once(
+            args.out / f"{objective}-sft", sft_recipe(args, objective, models[objective], sft_data,
+                                                      args.out / f"{objective}-sft"), sft)
+        timings[f"{objective}_pretrain_s"], timings[f"{objective}_sft_s"] = t1 - t0, time.perf_counter() - t1
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
+        "poem_stats": poems.stats, "poem_file_stats": file_stats, "fact_stats": facts.stats,
+        "pretrain_recipe": recipe(args, "mdm", corpus, args.out / "mdm").to_dict(),
+        "sft_recipe": sft_recipe(args, "mdm", models["mdm"], sft_data, args.out / "mdm-sft").to_dict(),
+        "sampler_poem": sampler_for("poem", args).to_dict(), "sampler_fact": sampler_for("fact", args).to_dict(),
+        "questions": QUESTIONS}
+    if "eval" in args.parts:
+        t0 = time.perf_counter()
+        results = {}
+        for objective in OBJECTIVES:
+            results[objective] = evaluate_qa(models[f"{objective}-sft"], poems, poem_test, sampler_for("poem", args),
+                                             args.poem_answer_length)
+        results["mdm_infill"] = evaluate_infill(models["mdm"], poem_test, sampler_for("poem", args))
+        results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], facts, fact_test, sampler_for("fact", args),
+                                              args.fact_answer_length) for o in OBJECTIVES}
+        timings["eval_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - started
+        results["timing"] = timings
+        results["models"] = {k: str(v) for k, v in models.items()}
+        write_result("reversal", settings, results)
+    if "ablations" in args.parts:
+        table = ablations(args, models, poems, poem_test)
+        plot_ablations(table, RESULTS_DIR / "reversal_ablations.png")
+        write_result("reversal_ablations", settings | {"plot": "benchmarks/results/reversal_ablations.png"}, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The reversal curse (LLaDA section 3.3, Table 4): complete the next line of a poem, and the
+previous one, side by side with the autoregressive twin.
+
+The protocol of the paper's released evaluation: a pair is the two halves of a couplet (split at
+`，`), asked as `X的下一句是什么？` (forward) and `X的上一句是什么？` (backward) with the instruction to
+answer with the line only; an answer counts when it contains the gold half-line (exact match is
+reported too). A second set of facts is built the same way: countries and capitals.
+
+This module builds the pairs, the pretraining documents, the SFT dialogues (poems held out of SFT
+never appear in them), answers questions with either kind of model, and scores them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from remask.app.pipeline import Pipeline
+from remask.data.corpora import Poem, read_jsonl
+from remask.data.facts import capitals
+from remask.errors import RemaskError
+from remask.sampling import SamplerConfig, ar_generate, fill_masks, generate
+from remask.tokenizer import check_text
+
+Direction = Literal["forward", "backward"]
+DIRECTIONS: tuple[Direction, Direction] = ("forward", "backward")
+SENTENCE_END = re.compile(r"(?<=[。？！；])")
+HALF = re.compile(r"^[\u3400-\u9fff]{4,9}$")  # a half-line: Chinese characters only
+
+
+@dataclass(frozen=True)
+class Pair:
+    first: str
+    second: str
+    source: int  # the document (poem, fact) it comes from
+
+
+@dataclass
+class ReversalSet:
+    """Pairs grouped by the documents that hold them; pretraining reads `documents`."""
+
+    kind: Literal["poem", "capital"]
+    documents: list[str]
+    pairs: list[Pair]
+    stats: dict = field(default_factory=dict)
+
+    def by_source(self) -> dict[int, list[Pair]]:
+        out: dict[int, list[Pair]] = {}
+        for p in self.pairs:
+            out.setdefault(p.source, []).append(p)
+        return out
+
+
+# --- building the sets --------------------------------------------------------------------------------
+
+
+def couplets(poem: Poem) -> list[tuple[str, str]]:
+    """The regular couplets of a poem: its lines are joined first (a couplet may be wrapped over
+    two lines), cut into sentences at 。？！；, and a sentence `A，B` with two halves of equal
+    length counts; so do two consecutive comma-less sentences of equal length (a couplet written
+    with 。 between its halves). Prose (prefaces) and irregular lines are skipped."""
+    sentences = [s.strip() for s in SENTENCE_END.split("".join(poem.lines)) if s.strip()]
+    out, pending = [], None
+    for sentence in sentences:
+        body = sentence.rstrip("。？！；")
+        parts = body.split("，")
+        if len(parts) == 2 and len(parts[0]) == len(parts[1]) and all(HALF.match(p) for p in parts):
+            out.append((parts[0], parts[1]))
+            pending = None
+        elif len(parts) == 1 and HALF.match(body):
+            if pending is not None and len(pending) == len(body):
+                out.append((pending, body))
+                pending = None
+            else:
+                pending = body
+        else:
+            pending = None
+    return out
+
+
+def poem_set(poems: Sequence[Poem]) -> ReversalSet:
+    """One document per poem (its text as pretraining sees it); pairs whose halves are unique in
+    the whole set (a half-line that occurs twice has no single answer)."""
+    found = [(i, a, b) for i, poem in enumerate(poems) for a, b in couplets(poem)]
+    halves: dict[str, int] = {}
+    for _, a, b in found:
+        for h in (a, b):
+            halves[h] = halves.get(h, 0) + 1
+    pairs = [Pair(a, b, i) for i, a, b in found if halves[a] == 1 and halves[b] == 1]
+    if not pairs:
+        raise RemaskError("the poem file holds no usable couplets (two halves of equal length split by ，)")
+    stats = {"poems": len(poems), "poems_with_couplets": len({p.source for p in pairs}), "couplets": len(pairs),
+             "couplets_dropped_as_ambiguous": len(found) - len(pairs)}
+    return ReversalSet("poem", [p.text() for p in poems], pairs, stats)
+
+
+def capital_set(pairs: Sequence[tuple[str, str]] | None = None) -> ReversalSet:
+    """Countries and capitals: each fact a one-sentence document read one way only, so the AR
+    twin sees the country before the capital and never the reverse."""
+    facts = list(capitals() if pairs is None else pairs)
+    docs = [f"The capital of {country} is {capital}." for country, capital in facts]
+    counts: dict[str, int] = {}
+    for country, capital in facts:
+        for h in (country, capital):
+            counts[h] = counts.get(h, 0) + 1
+    kept = [Pair(c, k, i) for i, (c, k) in enumerate(facts) if counts[c] == 1 and counts[k] == 1]
+    return ReversalSet("capital", docs, kept, {"facts": len(facts), "pairs": len(kept)})
+
+
+def load_holdout(path: str | Path) -> list[tuple[str, str]]:
+    """Pairs from JSONL lines {"first": str, "second": str}."""
+    path = Path(path)
+    if not path.is_file():
+        raise RemaskError(f"holdout file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    out = []
+    for n, record in read_jsonl(path):
+        ok = isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k] for k in ("first", "second"))
+        if not ok:
+            raise RemaskError(f"{path}:{n}: each line must be {{\"first\": str, \"second\": str}} (non-empty)")
+        out.append((check_text(record["first"], f"{path}:{n}: 'first'"), check_text(record["second"], f"{path}:{n}: 'second'")))
+    if not out:
+        raise RemaskError(f"holdout file {path} holds no pairs")
+    return out
+
+
+def split(data: ReversalSet, *, test_fraction: float, seed: int,
+          holdout: Sequence[tuple[str, str]] | None = None) -> tuple[set[int], list[Pair]]:
+    """(documents whose pairs SFT may use, test pairs). Test documents are drawn with `seed`;
+    with `holdout`, the documents holding those pairs are the test documents and the pairs
+    themselves are the test set. No test document contributes anything to SFT."""
+    sources = sorted(data.by_source())
+    if holdout is not None:
+        index = {(p.first, p.second): p for p in data.pairs}
+        missing = [f"{a}，{b}" for a, b in holdout if (a, b) not in index]
+        if missing:
+            raise RemaskError(f"{len(missing)} holdout pair(s) are not couplets of the poems, e.g. {missing[0]}")
+        test_pairs = [index[(a, b)] for a, b in holdout]
+        test_sources = {p.source for p in test_pairs}
+    else:
+        rng = random.Random(seed)
+        n_test = max(1, round(len(sources) * test_fraction))
+        test_sources = set(rng.sample(sources, n_test))
+        test_pairs = [p for p in data.pairs if p.source in test_sources]
+    return set(sources) - test_sources, test_pairs
+
+
+# --- questions ----------------------------------------------------------------------------------------
+
+QUESTIONS: dict[str, dict[str, str]] = {
+    "poem": {"forward": "{x}的下一句是什么？只回答这一句。", "backward": "{x}的上一句是什么？只回答这一句。"},
+    "capital": {"forward": "What is the capital of {x}? Answer with the name only.",
+                "backward": "Which country has the capital {x}? Answer with the name only."},
+}
+
+
+def question(kind: str, direction: Direction, pair: Pair) -> tuple[str, str]:
+    """(question text, gold answer)."""
+    known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
+    return QUESTIONS[kind][direction].format(x=known), gold
+
+
+def sft_dialogues(data: ReversalSet, sources: set[int]) -> list[dict]:
+    """Both directions of every pair of the SFT documents, as {"messages": [...]} records."""
+    out = []
+    for pair in data.pairs:
+        if pair.source in sources:
+            for direction in DIRECTIONS:
+                q, a = question(data.kind, direction, pair)
+                out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    from remask.atomic import write_text
+
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# --- answering --------------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, longest): rows aligned to the right, padding marked 0."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        attention[r, width - len(row):] = 1
+    return ids.to(device), attention.to(device)
+
+
+def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerConfig, max_new_tokens: int,
+                     seed: int = 0, batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Each question as one chat turn, `batch_size` at a time (left-padded); the diffusion model
+    answers with the sampler, the AR twin by decoding left to right (greedy unless
+    sampler.temperature > 0). Answers end at the model's end-of-turn."""
+    out = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        ids, attention = left_pad([pipe.encode_prompt([{"role": "user", "content": q}]) for q in chunk],
+                                  pipe.tokenizer.pad_id, pipe.device)
+        generator = torch.Generator(device=pipe.device).manual_seed(seed + start)
+        if pipe.model.config.causal:
+            x = ar_generate(pipe.model_fn, ids, max_new_tokens, eos_ids=pipe.stop_ids(), attention_mask=attention,
+                            temperature=sampler.temperature, generator=generator)
+        else:
+            x = generate(pipe.model_fn, ids, sampler, mask_id=pipe.tokenizer.mask_id, attention_mask=attention,
+                         eos_ids=pipe.stop_ids(), generator=generator)
+        for row in x[:, ids.shape[1]:].tolist():
+            out.append(pipe.answer(row, [0] * len(row)).text)
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, sampler: SamplerConfig,
+                   seed: int = 0) -> list[str]:
+    """The base diffusion model without SFT: `X，[M]*n。` (forward) or `[M]*n，Y。` (backward), n the
+    gold half's length, after the BOS token; the masks are revealed by the sampler's rules."""
+    tok, out = pipe.tokenizer, []
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    for i, pair in enumerate(pairs):
+        known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
+        masks = [tok.mask_id] * len(tok.encode(gold))
+        known_ids, comma, stop = tok.encode(known), tok.encode("，"), tok.encode("。")
+        ids = bos + (known_ids + comma + masks + stop if direction == "forward" else masks + comma + known_ids + stop)
+        generator = torch.Generator(device=pipe.device).manual_seed(seed + i)
+        x = fill_masks(pipe.model_fn, torch.tensor([ids], device=pipe.device),
+                       sampler.replace(steps=len(masks), gen_length=len(masks), block_length=None),
+                       mask_id=tok.mask_id, generator=generator)
+        start = len(bos) + (len(known_ids) + len(comma) if direction == "forward" else 0)
+        out.append(tok.decode(x[0, start:start + len(masks)].tolist()))
+    return out
+
+
+def score_answers(answers: list[str], golds: list[str]) -> dict:
+    """Contains (the paper's criterion) and exact match, as fractions."""
+    n = len(golds)
+    contains = sum(g in a for a, g in zip(answers, golds))
+    exact = sum(a.strip().rstrip("。，？！.") == g for a, g in zip(answers, golds))
+    return {"accuracy": contains / n if n else 0.0, "exact": exact / n if n else 0.0, "n": n}

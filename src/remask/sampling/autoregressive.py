@@ -1,0 +1,38 @@
+"""The AR twin's decoding: one token at a time, left to right, for the side-by-side comparisons
+(the reversal benchmark, evaluation). Greedy at temperature 0, else Gumbel-max sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from remask.diffusion.guidance import ModelFn
+from remask.errors import RemaskError
+from remask.sampling.remasking import gumbel_argmax
+
+
+@torch.no_grad()
+def ar_generate(model_fn: ModelFn, prompt: Tensor, max_new_tokens: int, *, eos_ids: Sequence[int] = (),
+                attention_mask: Tensor | None = None, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """prompt (B, P) -> (B, P + n), n <= max_new_tokens: stops once every row has produced an end-of-text
+    (rows that ended early are padded with their end-of-text token). Left-padded rows are marked 0
+    in `attention_mask` (B, P)."""
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise RemaskError(f"prompt must be a non-empty 2-D (batch, length) tensor, got shape {tuple(prompt.shape)}")
+    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompt.device)
+    x, done = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    attn = attention_mask
+    for _ in range(max_new_tokens):
+        nxt = gumbel_argmax(model_fn(x, attn)[:, -1:], temperature, generator)[:, 0]  # (B,)
+        if attn is not None:
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        if stop.numel():
+            nxt = torch.where(done, stop[0], nxt)
+            done = done | torch.isin(nxt, stop)
+        x = torch.cat([x, nxt[:, None]], dim=1)
+        if done.all():
+            break
+    return x

@@ -1,0 +1,129 @@
+"""The reversal benchmark's builders: couplet parsing (pinned on the Tang poems, and on the
+format's variations), seeded splits, SFT data that never holds a test poem, answering and scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from remask.data.corpora import Poem, parse_fortune_poems, tang300_poems
+from remask.errors import RemaskError
+from remask.eval.reversal import (
+    Pair,
+    capital_set,
+    couplets,
+    load_holdout,
+    poem_set,
+    question,
+    score_answers,
+    sft_dialogues,
+    split,
+)
+
+
+def test_counts_on_the_tang_poems_are_pinned():
+    data = poem_set(tang300_poems())
+    assert data.stats == {"poems": 313, "poems_with_couplets": 312, "couplets": 1483, "couplets_dropped_as_ambiguous": 0}
+    assert data.pairs[0] == Pair("兰叶春葳蕤", "桂华秋皎洁", 0)
+
+
+def test_the_format_variations():
+    text = ("\x1b[1;32m《秋夜・其二》\x1b[0m\n\x1b[33m作者：某\x1b[0m\n"  # colour codes, a sub-titled part
+            "白日依山尽，\n黄河入海流。\n"  # a couplet wrapped over two lines
+            "欲穷千里目。更上一层楼。\n"  # a couplet without a comma
+            "并序：某年某月，余游于此，作诗以记之。\n"  # prose: three parts, not a couplet
+            "春眠不觉晓，处处闻啼鸟，夜来风雨声。\n"  # three halves: skipped
+            "床前看月光，疑是霜\n%\n")  # unequal halves, no end mark: skipped
+    [poem] = parse_fortune_poems(text)
+    assert poem.title == "《秋夜・其二》"
+    assert couplets(poem) == [("白日依山尽", "黄河入海流"), ("欲穷千里目", "更上一层楼")]
+
+
+def test_ambiguous_halves_are_dropped_and_no_couplet_is_an_error():
+    twice = [Poem("《甲》", "作者：甲", ["春风吹又生，野火烧不尽。"]),
+             Poem("《乙》", "作者：乙", ["春风吹又生，明月照高楼。白日依山尽，黄河入海流。"])]
+    data = poem_set(twice)
+    assert [(p.first, p.second, p.source) for p in data.pairs] == [("白日依山尽", "黄河入海流", 1)]
+    assert data.stats["couplets_dropped_as_ambiguous"] == 2
+    with pytest.raises(RemaskError, match="no usable couplets"):
+        poem_set([Poem("《丙》", "作者：丙", ["一二三，四五。"])])
+
+
+def test_splits_are_a_function_of_the_seed_and_keep_test_poems_out_of_sft():
+    data = poem_set(tang300_poems())
+    a = split(data, test_fraction=0.2, seed=3)
+    assert a == split(data, test_fraction=0.2, seed=3)
+    assert a != split(data, test_fraction=0.2, seed=4)
+    sft_sources, test = a
+    records = sft_dialogues(data, sft_sources)
+    text = json.dumps(records, ensure_ascii=False)
+    test_poems = {p.source for p in test}
+    assert not sft_sources & test_poems and test
+    for pair in test:  # not a single line of a test poem, in either role
+        assert pair.first not in text and pair.second not in text
+    assert len(records) == 2 * sum(1 for p in data.pairs if p.source in sft_sources)
+
+
+def test_holdout_pairs_are_the_test_set(tmp_path):
+    data = poem_set(tang300_poems())
+    chosen = [data.pairs[5], data.pairs[400]]
+    path = tmp_path / "holdout.jsonl"
+    path.write_text("".join(json.dumps({"first": p.first, "second": p.second}, ensure_ascii=False) + "\n"
+                            for p in chosen), encoding="utf-8")
+    sft_sources, test = split(data, test_fraction=0.2, seed=0, holdout=load_holdout(path))
+    assert test == chosen and not sft_sources & {p.source for p in chosen}
+    path.write_text('{"first": "不是诗句", "second": "也不是"}\n', encoding="utf-8")
+    with pytest.raises(RemaskError, match="not couplets of the poems"):
+        split(data, test_fraction=0.2, seed=0, holdout=load_holdout(path))
+    path.write_text('{"first": 3}\n', encoding="utf-8")
+    with pytest.raises(RemaskError, match=r":1: each line must be"):
+        load_holdout(path)
+
+
+def test_questions_and_scoring():
+    pair = Pair("白日依山尽", "黄河入海流", 0)
+    assert question("poem", "forward", pair) == ("白日依山尽的下一句是什么？只回答这一句。", "黄河入海流")
+    assert question("poem", "backward", pair) == ("黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
+    scored = score_answers(["黄河入海流", "是黄河入海流。", "黄河"], ["黄河入海流"] * 3)
+    assert scored == {"accuracy": 2 / 3, "exact": 1 / 3, "n": 3}
+
+
+def test_capital_facts_are_read_one_way():
+    data = capital_set([("France", "Paris"), ("Peru", "Lima"), ("Monaco", "Monaco")])
+    assert data.documents[0] == "The capital of France is Paris."
+    assert [(p.first, p.second) for p in data.pairs] == [("France", "Paris"), ("Peru", "Lima")]  # Monaco: ambiguous
+
+
+def test_infill_and_answers_on_a_model_that_knows_one_couplet(poem_tokenizer):
+    """A table model that always predicts the couplet 床前明月光，疑是地上霜 at its positions: infilling
+    recovers either half from the other, and the answers come back as text."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from remask.app.pipeline import Pipeline
+    from remask.eval.reversal import infill_answers
+    from remask.sampling import SamplerConfig
+
+    tok = poem_tokenizer
+    target = [tok.bos_id, *tok.encode("床前明月光，疑是地上霜。")]
+
+    class Knows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(causal=False, max_sequence_length=64, vocab_size=tok.vocab_size)
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, attention_mask=None):
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            for i in range(min(ids.shape[1], len(target))):
+                logits[:, i, target[i]] = 5.0
+            return logits
+
+    pipe = Pipeline(Knows(), tok)
+    pairs = [Pair("床前明月光", "疑是地上霜", 0)]
+    sampler = SamplerConfig(gen_length=8, steps=8)
+    assert infill_answers(pipe, pairs, "forward", sampler=sampler) == ["疑是地上霜"]
+    assert infill_answers(pipe, pairs, "backward", sampler=sampler) == ["床前明月光"]
