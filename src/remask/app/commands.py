@@ -271,7 +271,8 @@ def eval_choice(model: Path, task: Path, scoring: Annotated[ScoringConfig, Flat]
 REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
 
 
-def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path, sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
+def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path,
+                  sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
                   kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill"] = "qa", seed: int = 0,
                   batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
     """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
