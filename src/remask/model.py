@@ -4,11 +4,17 @@ Reads top to bottom: RMSNorm -> rotary -> attention -> MLP -> block -> model.
 `ids (B, T) [+ attention_mask (B, T)] -> logits (B, T, V)`. Forward pass only: no loss,
 sampling or tokenizer here. `config.causal` is the one difference from the AR twin.
 Parameter names follow the published LLaDA checkpoints so the key map stays short.
+
+For KV caching, `forward` also takes the keys and values of other positions (`past`, a `KV`)
+that the tokens attend to besides each other, returns the keys and values of its own tokens
+(`return_kv`), and computes logits only where asked (`logits_at`). The caches themselves -- what
+to keep and when to refresh it -- belong to the samplers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,39 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass
+class KV:
+    """Keys and values of some positions in every layer, rotary already applied: what a cached
+    forward pass attends to without recomputing. `valid` (B, T) marks the positions that may be
+    attended (False: padding); None means all."""
+
+    layers: list[tuple[Tensor, Tensor]]  # per layer: k, v of shape (B, Hkv, T, D)
+    valid: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    def valid_mask(self) -> Tensor:
+        k = self.layers[0][0]
+        return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if self.valid is None else self.valid
+
+    def positions(self, index: Tensor | slice) -> KV:
+        """The entries of some positions (an index or slice along T)."""
+        return KV([(k[:, :, index], v[:, :, index]) for k, v in self.layers],
+                  None if self.valid is None else self.valid[:, index])
+
+    def rows(self, index: Tensor) -> KV:
+        """The entries of some batch rows."""
+        return KV([(k[index], v[index]) for k, v in self.layers], None if self.valid is None else self.valid[index])
+
+    def cat(self, other: KV) -> KV:
+        """These positions followed by `other`'s."""
+        valid = None if self.valid is None and other.valid is None else torch.cat([self.valid_mask(), other.valid_mask()], 1)
+        return KV([(torch.cat([k, k2], 2), torch.cat([v, v2], 2)) for (k, v), (k2, v2) in zip(self.layers, other.layers)],
+                  valid)
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional grouped KV heads; SDPA does the work."""
 
@@ -62,18 +101,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.effective_n_kv_heads * cfg.head_dim, bias=False)
         self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(output, (k, v) of these tokens); `past` keys/values are attended to as well."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new = (k, v)
+        if past is not None:  # keys (B, Hkv, Tp + T, D): the cached positions first
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head h reads KV head h // group
             group = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         # With an explicit mask the causal part is already folded into it (see attention_bias).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
+        return self.attn_out(y.transpose(1, 2).reshape(B, T, -1)), new
 
 
 class SwiGLU(nn.Module):
@@ -99,24 +143,35 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal)
-        return x + self.mlp(self.ff_norm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, causal, past)
+        x = x + h
+        return x + self.mlp(self.ff_norm(x)), kv
 
 
-def attention_bias(attention_mask: Tensor | None, causal: bool, T: int, device: torch.device) -> Tensor | None:
-    """Boolean SDPA mask (B, 1, T, T) where True = may attend, or None for the fast path.
+def attention_bias(attention_mask: Tensor | None, causal: bool, T: int, device: torch.device,
+                   past_valid: Tensor | None = None) -> Tensor | None:
+    """Boolean SDPA mask (B, 1, T, Tp + T) where True = may attend, or None for the fast path.
 
-    `attention_mask` (B, T) marks real tokens with 1 and (left) padding with 0. Every query
-    may always attend to itself so that padded rows never see an all-masked row (NaN).
+    `attention_mask` (B, T) marks real tokens with 1 and (left) padding with 0; `past_valid`
+    (B, Tp) the attendable cached positions, which come first among the keys (for the AR twin
+    they all precede the T tokens). Every query may always attend to itself so that padded rows
+    never see an all-masked row (NaN).
     """
-    if attention_mask is None:
+    if attention_mask is None and past_valid is None:
         return None
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    allowed = keys.expand(-1, 1, T, T)
+    B = (attention_mask if attention_mask is not None else past_valid).shape[0]
+    current = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+               else attention_mask.bool())
+    keys = current if past_valid is None else torch.cat([past_valid.bool(), current], dim=1)  # (B, Tp + T)
+    Tp = keys.shape[1] - T
+    allowed = keys[:, None, None, :].expand(-1, 1, T, Tp + T)
+    itself = torch.eye(T, Tp + T, dtype=torch.bool, device=device).roll(Tp, dims=1)  # query i -> key Tp + i
     if causal:
-        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return allowed | torch.eye(T, dtype=torch.bool, device=device)
+        order = torch.ones(T, Tp + T, dtype=torch.bool, device=device).tril(Tp)
+        allowed = allowed & order
+    return allowed | itself
 
 
 class Transformer(nn.Module):
@@ -130,26 +185,40 @@ class Transformer(nn.Module):
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
 
-    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, *,
+                past: KV | None = None, return_kv: bool = False,
+                logits_at: Tensor | slice | None = None) -> Tensor | tuple[Tensor, KV]:
         """ids (B, T) -> logits (B, T, V).
 
-        `positions` (T,) are the rotary positions of `ids` (default 0..T-1); a KV cache passes
-        the offsets of the slice it recomputes. Left padding needs no position shift: rotary
-        attention depends only on relative positions.
+        `positions` (T,) are the rotary positions of `ids` (default 0..T-1). Left padding needs
+        no position shift: rotary attention depends only on relative positions.
+        For caching: `past` holds keys/values of other positions the tokens attend to as well
+        (for the AR twin, earlier ones); `return_kv` also returns these tokens' own (a `KV`,
+        valid where `attention_mask` is); `logits_at` (an index or slice along T) computes the
+        output head only there.
         """
         B, T = ids.shape
-        if T > self.config.max_sequence_length:
-            raise ValueError(f"sequence length {T} exceeds max_sequence_length {self.config.max_sequence_length}")
+        total = T + (past.length if past is not None else 0)
+        if total > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
         if positions is None:
             positions = torch.arange(T, device=ids.device)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        mask = attention_bias(attention_mask, self.config.causal, T, ids.device)
+        mask = attention_bias(attention_mask, self.config.causal, T, ids.device,
+                              None if past is None else past.valid_mask())
         x = self.wte(ids)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, self.config.causal)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, mask, self.config.causal, None if past is None else past.layers[i])
+            layers.append(kv)
+        if logits_at is not None:
+            x = x[:, logits_at]
         x = self.ln_f(x)
         head = self.wte.weight if self.ff_out is None else self.ff_out.weight
-        return F.linear(x, head)  # (B, T, V)
+        logits = F.linear(x, head)  # (B, T, V)
+        if not return_kv:
+            return logits
+        return logits, KV(layers, None if attention_mask is None else attention_mask.bool())
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -1,4 +1,6 @@
-"""A loaded model directory (weights + tokenizer) and text-in, text-out generation.
+"""A loaded model directory (weights + tokenizer) and text-in, text-out generation through the
+fast sampler (`sampling.fast`: token-identical to the reference at temperature 0 with cache none
+and the schedule rule).
 
 The CLI, the demo, chat and the server all go through `Pipeline`, so they format prompts and
 read answers the same way. An answer ends at the first end-of-text (or end-of-turn) token the
@@ -18,7 +20,8 @@ from remask.checkpoint import load_model_dir
 from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError
 from remask.model import Transformer
-from remask.sampling import SamplerConfig, StepInfo, generate
+from remask.sampling import SamplerConfig, StepInfo
+from remask.sampling.fast import generate_fast
 from remask.tokenizer import Tokenizer
 
 
@@ -96,6 +99,7 @@ class Pipeline:
                 on_step(info)
 
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        generate(self.model_fn, torch.tensor([prompt_ids], device=self.device), sampler, mask_id=self.tokenizer.mask_id,
-                 eos_ids=self.stop_ids(), generator=generator, on_step=record)
+        generate_fast(self.model, torch.tensor([prompt_ids], device=self.device), sampler,
+                      mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size, eos_ids=self.stop_ids(),
+                      generator=generator, on_step=record)
         return self.answer(*last[0].answer(0))

@@ -33,6 +33,7 @@ from remask.errors import RemaskError
 from remask.eval.perplexity import rolling_windows
 from remask.eval.scoring import Scorer, ScoringConfig
 from remask.sampling import SamplerConfig, generate
+from remask.sampling.fast import generate_fast
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -162,8 +163,9 @@ class RemaskLM(LM):
             attention[row, width - len(ctx):] = 1
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
         stops = [i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None]
-        x = generate(self.scorer.model_fn, ids.to(self._device), sampler, mask_id=self.tokenizer.mask_id,
-                     attention_mask=attention.to(self._device), eos_ids=stops, generator=generator)
+        x, _ = generate_fast(self.model, ids.to(self._device), sampler, mask_id=self.tokenizer.mask_id,
+                             vocab_size=self.model.config.vocab_size, attention_mask=attention.to(self._device),
+                             eos_ids=stops, generator=generator)
         return x[:, width:].tolist()
 
     def _finish(self, ids: list[int], kwargs: dict) -> str:

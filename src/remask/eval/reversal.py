@@ -26,7 +26,9 @@ from remask.app.pipeline import Pipeline
 from remask.data.corpora import Poem, read_jsonl
 from remask.data.facts import capitals
 from remask.errors import RemaskError
-from remask.sampling import SamplerConfig, ar_generate, fill_masks, generate
+from remask.sampling import SamplerConfig, fill_masks
+from remask.sampling.autoregressive import ar_generate_cached
+from remask.sampling.fast import generate_fast
 from remask.tokenizer import check_text
 
 Direction = Literal["forward", "backward"]
@@ -208,12 +210,13 @@ def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerCo
         ids, attention = left_pad([pipe.encode_prompt([{"role": "user", "content": q}]) for q in chunk],
                                   pipe.tokenizer.pad_id, pipe.device)
         generator = torch.Generator(device=pipe.device).manual_seed(seed + start)
+        vocab = pipe.model.config.vocab_size
         if pipe.model.config.causal:
-            x = ar_generate(pipe.model_fn, ids, max_new_tokens, eos_ids=pipe.stop_ids(), attention_mask=attention,
-                            temperature=sampler.temperature, generator=generator)
+            x, _ = ar_generate_cached(pipe.model, ids, max_new_tokens, vocab_size=vocab, eos_ids=pipe.stop_ids(),
+                                      attention_mask=attention, temperature=sampler.temperature, generator=generator)
         else:
-            x = generate(pipe.model_fn, ids, sampler, mask_id=pipe.tokenizer.mask_id, attention_mask=attention,
-                         eos_ids=pipe.stop_ids(), generator=generator)
+            x, _ = generate_fast(pipe.model, ids, sampler, mask_id=pipe.tokenizer.mask_id, vocab_size=vocab,
+                                 attention_mask=attention, eos_ids=pipe.stop_ids(), generator=generator)
         for row in x[:, ids.shape[1]:].tolist():
             out.append(pipe.answer(row, [0] * len(row)).text)
         if progress is not None:

@@ -36,3 +36,35 @@ def ar_generate(model_fn: ModelFn, prompt: Tensor, max_new_tokens: int, *, eos_i
         if done.all():
             break
     return x
+
+
+@torch.no_grad()
+def ar_generate_cached(model, prompt: Tensor, max_new_tokens: int, *, vocab_size: int, eos_ids: Sequence[int] = (),
+                       attention_mask: Tensor | None = None, temperature: float = 0.0,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """`ar_generate` with a KV cache (the AR twin's own fast path): one prefill pass over the prompt,
+    then one pass per token over that token alone; rows that have ended leave the batch. Returns
+    (B, P + n) and the number of forward passes. The model is a `Transformer` (see `remask.model`)."""
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise RemaskError(f"prompt must be a non-empty 2-D (batch, length) tensor, got shape {tuple(prompt.shape)}")
+    B, P = prompt.shape
+    stop = torch.tensor(list(eos_ids), dtype=torch.long, device=prompt.device)
+    fill = stop[0] if stop.numel() else torch.tensor(0, device=prompt.device)
+    out = torch.full((B, P + max_new_tokens), int(fill), dtype=torch.long, device=prompt.device)
+    out[:, :P] = prompt
+    logits, cache = model(prompt, attention_mask, return_kv=True, logits_at=slice(P - 1, P))
+    passes, alive, length = 1, torch.arange(B, device=prompt.device), 0
+    for t in range(max_new_tokens):
+        nxt = gumbel_argmax(logits[:, -1:, :vocab_size], temperature, generator)[:, 0]  # (b,)
+        out[alive, P + t] = nxt
+        length = t + 1
+        keep = ~torch.isin(nxt, stop) if stop.numel() else torch.ones_like(nxt, dtype=torch.bool)
+        if not keep.all():
+            alive, nxt, cache = alive[keep], nxt[keep], cache.rows(keep)
+        if alive.numel() == 0 or t == max_new_tokens - 1:
+            break
+        positions = torch.tensor([P + t], device=prompt.device)
+        logits, new = model(nxt[:, None], None, positions, past=cache, return_kv=True)
+        cache = cache.cat(new)
+        passes += 1
+    return out[:, :P + length], passes

@@ -13,6 +13,8 @@ from remask.config import ConfigBase, setting
 from remask.sampling.remasking import RemaskingName
 
 EosMode = Literal["allow", "forbid", "delay"]
+CacheMode = Literal["none", "prefix", "dual"]
+ParallelRule = Literal["schedule", "threshold", "factor", "entropy"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,18 @@ class SamplerConfig(ConfigBase):
     """End-of-text: sampled like any token (allow), never sampled (forbid), or revealed last in a block (delay)."""
     stop_at_eos: bool = True
     """End the answer at the first end-of-text once everything before it is revealed."""
+    cache: CacheMode = "none"
+    """KV cache, refreshed at each block boundary: none (exact), prefix (prompt and finished blocks),
+    dual (the masked suffix too)."""
+    parallel: ParallelRule = "schedule"
+    """Tokens revealed per step: the linear schedule, or by confidence threshold, the factor rule or
+    an entropy bound (steps then caps the steps; each step reveals at least one)."""
+    threshold: float = setting(0.9, gt=0, le=1)
+    """parallel threshold: reveal every masked token predicted with at least this probability."""
+    factor: float = setting(1.0, gt=0)
+    """parallel factor: reveal the n most confident with (n + 1) (1 - p_n) < factor."""
+    entropy_bound: float = setting(0.5, ge=0)
+    """parallel entropy: reveal the least uncertain tokens while their entropy, less the largest, stays below this."""
 
     def check(self) -> None:
         self.need(self.gen_length % self.effective_block_length == 0, "gen_length",
