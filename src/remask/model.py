@@ -39,13 +39,16 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, head_dim) for integer `positions` (T,), in float32.
+    """cos, sin for integer `positions`, in float32: shape (T, head_dim) for positions (T,), or
+    (B, 1, T, head_dim) for per-row positions (B, T), broadcasting over the heads.
 
     Non-interleaved ("rotate half") layout: frequency i acts on dims i and i + head_dim/2.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = torch.outer(positions.float(), inv_freq)  # (T, head_dim/2)
-    angles = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (..., T, head_dim)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, head_dim)
     return angles.cos(), angles.sin()
 
 
@@ -82,6 +85,22 @@ class KV:
     def rows(self, index: Tensor) -> KV:
         """The entries of some batch rows."""
         return KV([(k[index], v[index]) for k, v in self.layers], None if self.valid is None else self.valid[index])
+
+    @staticmethod
+    def stack(rows: list[KV]) -> KV:
+        """Single-row caches of different lengths as one batch, right-padded (the padding invalid)."""
+        width = max(r.length for r in rows)
+        layers = []
+        for i in range(len(rows[0].layers)):
+            ks, vs = [], []
+            for r in rows:
+                k, v = r.layers[i]
+                pad = width - k.shape[2]
+                ks.append(F.pad(k, (0, 0, 0, pad)))
+                vs.append(F.pad(v, (0, 0, 0, pad)))
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        valid = torch.cat([F.pad(r.valid_mask(), (0, width - r.length), value=False) for r in rows])
+        return KV(layers, valid)
 
     def cat(self, other: KV) -> KV:
         """These positions followed by `other`'s."""
@@ -190,12 +209,12 @@ class Transformer(nn.Module):
                 logits_at: Tensor | slice | None = None) -> Tensor | tuple[Tensor, KV]:
         """ids (B, T) -> logits (B, T, V).
 
-        `positions` (T,) are the rotary positions of `ids` (default 0..T-1). Left padding needs
-        no position shift: rotary attention depends only on relative positions.
-        For caching: `past` holds keys/values of other positions the tokens attend to as well
-        (for the AR twin, earlier ones); `return_kv` also returns these tokens' own (a `KV`,
-        valid where `attention_mask` is); `logits_at` (an index or slice along T) computes the
-        output head only there.
+        `positions` (T,), or (B, T) per row, are the rotary positions of `ids` (default
+        0..T-1). Left padding needs no position shift: rotary attention depends only on relative
+        positions. For caching: `past` holds keys/values of other positions the tokens attend to
+        as well (for the AR twin, earlier ones); `return_kv` also returns these tokens' own (a
+        `KV`, valid where `attention_mask` is); `logits_at` (an index or slice along T, or a
+        (B, N) index per row) computes the output head only there.
         """
         B, T = ids.shape
         total = T + (past.length if past is not None else 0)
@@ -211,7 +230,9 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cos, sin, mask, self.config.causal, None if past is None else past.layers[i])
             layers.append(kv)
-        if logits_at is not None:
+        if isinstance(logits_at, Tensor) and logits_at.dim() == 2:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, d)
+        elif logits_at is not None:
             x = x[:, logits_at]
         x = self.ln_f(x)
         head = self.wte.weight if self.ff_out is None else self.ff_out.weight

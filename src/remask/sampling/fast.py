@@ -1,32 +1,39 @@
 """The fast sampler: the reverse process of `generate` with everything that costs nothing in
-quality removed, and the approximations that buy speed made explicit settings.
+quality removed, the approximations that buy speed as explicit settings, and rows that come and
+go independently.
 
 Lossless (token-identical to `generate` at temperature 0):
-- the output head runs only on the current block's positions;
-- a step that can reveal nothing (every row's schedule says 0) costs no forward pass;
-- a row whose answer has ended (an end-of-text with everything before it revealed) leaves the
-  batch, and sampling stops when all have: finished rows stop costing work.
+- the output head runs only on each row's current block;
+- a row whose answer has ended (an end-of-text with everything before it revealed) leaves, and
+  so does a row that has revealed everything: finished rows stop costing work.
 
-Approximate, chosen in `SamplerConfig`:
+Approximate, chosen per row in its `SamplerConfig`:
 - `cache`: the keys and values of positions outside the current block, computed by a full pass
-  at each block boundary (which also serves as the block's first step) and reused for the rest of
-  the block: `prefix` keeps the prompt and finished blocks and recomputes the block and the masked
-  suffix; `dual` keeps the suffix too and recomputes only the block (Fast-dLLM's caches). Cached
-  values are stale by what the block has revealed since the refresh.
+  when the block starts (that pass is also the block's first step) and reused for the rest of the
+  block: `prefix` keeps the prompt and finished blocks and recomputes the block and the masked
+  suffix; `dual` keeps the suffix too and recomputes only the block (Fast-dLLM's caches). The
+  cached values are stale by what the block has revealed since the refresh.
 - `parallel`: how many masked tokens a step reveals -- the linear `schedule` of the reference, or
-  every token whose confidence passes `threshold`, or the `factor` rule (the largest n with
-  (n + 1)(1 - c_n) < factor, c sorted descending), or the `entropy` rule (the largest n whose
-  summed entropy minus its largest stays within `entropy_bound`); always at least one, and
-  enough to finish the block within its share of `steps`.
+  every token whose probability passes `threshold`, or the `factor` rule (the largest n with
+  (n + 1)(1 - p_n) < factor, p sorted descending), or the `entropy` rule (the largest n whose
+  summed entropy less its largest stays within `entropy_bound`); always at least one, and enough
+  to finish the block within its share of `steps`.
 
-The model is any `Transformer`-like callable with the `past` / `return_kv` / `logits_at`
-interface of `remask.model`; logits past `vocab_size` (padded rows) are ignored.
+`Engine` holds rows that each have their own prompt, sampler settings, random generator and
+progress through their blocks; a row added between steps starts with the next step, and each
+step is one or two forward passes over every active row (a full pass for rows that start a block
+or use no cache, a cached pass for the others). So a server can batch requests as they arrive,
+and a request's answer does not depend on what it is batched with. `generate_fast` runs a
+left-padded batch through it.
+
+The model is a `Transformer` (the `positions` / `past` / `return_kv` / `logits_at` interface of
+`remask.model`); logits past `vocab_size` (padded embedding rows) are ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,14 +41,7 @@ from torch import Tensor
 from remask.errors import RemaskError
 from remask.model import KV
 from remask.sampling.config import SamplerConfig
-from remask.sampling.generate import (
-    StepInfo,
-    answers_ended,
-    append_masks,
-    ban_tokens,
-    check_prompt,
-    select_top_k,
-)
+from remask.sampling.generate import StepInfo, answers_ended, ban_tokens, check_prompt, select_top_k
 from remask.sampling.remasking import REMASKING, gumbel_argmax
 from remask.sampling.schedule import block_slices, num_transfer_tokens
 
@@ -50,12 +50,12 @@ from remask.sampling.schedule import block_slices, num_transfer_tokens
 class SamplingStats:
     forward_passes: int = 0  # model calls
     query_tokens: int = 0  # positions run through the model, summed over calls and rows
-    steps: int = 0  # reverse steps taken (the longest row)
+    steps: int = 0  # reverse steps taken (the most by any row)
 
 
 def reveal_counts(score: Tensor, entropy: Tensor, masked: Tensor, sampler: SamplerConfig, at_least: Tensor) -> Tensor:
     """(B,) how many masked positions each row reveals under the parallel rule; `score` is the
-    confidence of each prediction (B, N), `entropy` its entropy, `at_least` the schedule's minimum."""
+    probability of each prediction (B, N), `entropy` its entropy, `at_least` the budget's minimum."""
     n_masked = masked.sum(1)
     if sampler.parallel == "threshold":
         n = ((score >= sampler.threshold) & masked).sum(1)
@@ -63,29 +63,211 @@ def reveal_counts(score: Tensor, entropy: Tensor, masked: Tensor, sampler: Sampl
         c = score.masked_fill(~masked, -1.0).sort(dim=1, descending=True).values  # (B, N)
         rank = torch.arange(1, c.shape[1] + 1, device=c.device, dtype=c.dtype)
         ok = ((rank + 1) * (1 - c) < sampler.factor) & (c >= 0)
-        n = torch.where(ok.any(1), ok.int().cumprod(1).sum(1), 0)  # the leading run of n that satisfy it
+        n = ok.int().cumprod(1).sum(1)  # the leading run of n that satisfy it
     elif sampler.parallel == "entropy":
         h = entropy.masked_fill(~masked, float("inf")).sort(dim=1).values  # ascending
         finite = torch.isfinite(h)
-        cum = torch.where(finite, h, 0).cumsum(1)
-        ok = (cum - torch.where(finite, h, 0).cummax(1).values <= sampler.entropy_bound) & finite
+        h0 = torch.where(finite, h, 0)
+        ok = (h0.cumsum(1) - h0.cummax(1).values <= sampler.entropy_bound) & finite
         n = ok.int().cumprod(1).sum(1)
     else:
         return at_least
     return torch.minimum(torch.maximum(n, torch.maximum(at_least, torch.ones_like(n))), n_masked)
 
 
-class _Rows:
-    """The rows still being decoded and what is cached for them."""
+@dataclass(eq=False)
+class Row:
+    """One answer being denoised."""
 
-    def __init__(self, x: Tensor, attn: Tensor | None) -> None:
-        self.index = torch.arange(x.shape[0], device=x.device)  # their rows in the full batch
-        self.x, self.attn, self.cache = x, attn, None
+    seq: Tensor  # (L,) prompt + answer positions
+    prompt_len: int
+    sampler: SamplerConfig
+    generator: torch.Generator | None
+    stop: Tensor  # end-of-text ids
+    on_step: Callable[[StepInfo], None] | None = None
+    reveal_step: Tensor = None  # (L,)
+    blocks: list[slice] = field(default_factory=list)
+    block: int = 0
+    step_in_block: int = 0
+    schedule: Tensor | None = None  # (S,) reveals per step of the current block
+    cache: KV | None = None  # (1, ...) keys and values of the whole sequence at the block's start
+    fresh: bool = False  # the cache was refreshed for the current block
+    finished: bool = False
+    ended: bool = False  # finished at an end-of-text
+    passes: int = 0
 
-    def keep(self, alive: Tensor) -> None:
-        self.index, self.x = self.index[alive], self.x[alive]
-        self.attn = None if self.attn is None else self.attn[alive]
-        self.cache = None if self.cache is None else self.cache.rows(alive)
+    @property
+    def current(self) -> slice:
+        return self.blocks[self.block]
+
+    def start_block(self, mask_id: int) -> None:
+        self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.sampler.steps_per_block)[0]
+        self.step_in_block, self.fresh = 0, False
+
+
+class Engine:
+    """Denoises many rows at once; rows join with `add` and leave when finished (see the module doc)."""
+
+    def __init__(self, model: Callable, *, mask_id: int, vocab_size: int, eos_ids: Sequence[int] = ()) -> None:
+        self.model, self.mask_id, self.vocab_size = model, mask_id, vocab_size
+        self.eos_ids = list(eos_ids)
+        self.rows: list[Row] = []
+        self.stats = SamplingStats()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
+
+    def add(self, prompt: Sequence[int] | Tensor, sampler: SamplerConfig, *, generator: torch.Generator | None = None,
+            on_step: Callable[[StepInfo], None] | None = None) -> Row:
+        """A new row: its prompt ids (no padding) and its own settings; it starts at the next step."""
+        if sampler.cfg_scale and sampler.cache != "none":
+            raise RemaskError("classifier-free guidance needs two caches; use cfg_scale with cache none")
+        prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
+        check_prompt(prompt[None], None, self.mask_id)
+        seq = torch.cat([prompt, prompt.new_full((sampler.gen_length,), self.mask_id)])
+        row = Row(seq, prompt.numel(), sampler, generator, torch.tensor(self.eos_ids, dtype=torch.long,
+                                                                         device=self.device), on_step)
+        row.reveal_step = torch.full_like(seq, -1)
+        row.blocks = block_slices(row.prompt_len, sampler.gen_length, sampler.effective_block_length)
+        row.start_block(self.mask_id)
+        self.rows.append(row)
+        return row
+
+    def step(self) -> list[Row]:
+        """One reverse step of every active row; returns the rows that finished with it."""
+        if not self.rows:
+            return []
+        full = [r for r in self.rows if r.sampler.cache == "none" or not r.fresh]
+        cached = [r for r in self.rows if r.sampler.cache != "none" and r.fresh]
+        logits: dict[int, Tensor] = {}
+        if full:
+            logits |= self._full_pass(full)
+        if cached:
+            logits |= self._cached_pass(cached)
+        finished = []
+        for row in self.rows:
+            row.passes += 1
+            self._reveal(row, logits[id(row)])
+            if row.finished:
+                finished.append(row)
+        self.rows = [r for r in self.rows if not r.finished]
+        return finished
+
+    def run(self) -> None:
+        while self.rows:
+            self.step()
+
+    # --- the passes ---------------------------------------------------------------------------
+    def _full_pass(self, rows: list[Row]) -> dict[int, Tensor]:
+        """Whole sequences, left-padded; logits of each row's block; keys/values kept for caching rows."""
+        guided = [r for r in rows if r.sampler.cfg_scale]
+        seqs = [r.seq for r in rows]
+        for r in guided:  # LLaDA eq. 16: the unconditional branch masks the prompt
+            uncond = r.seq.clone()
+            uncond[:r.prompt_len] = self.mask_id
+            seqs.append(uncond)
+        owners = rows + guided
+        width = max(s.numel() for s in seqs)
+        n_block = max(r.current.stop - r.current.start for r in owners)
+        ids = torch.full((len(seqs), width), self.mask_id, dtype=torch.long, device=self.device)
+        attn = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        positions = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        at = torch.zeros(len(seqs), n_block, dtype=torch.long, device=self.device)
+        for i, (r, s) in enumerate(zip(owners, seqs)):
+            pad = width - s.numel()
+            ids[i, pad:], attn[i, pad:] = s, 1
+            positions[i, pad:] = torch.arange(s.numel(), device=self.device)
+            lo, hi = r.current.start + pad, r.current.stop + pad
+            at[i] = torch.arange(lo, lo + n_block, device=self.device).clamp(max=hi - 1)
+        want_kv = any(r.sampler.cache != "none" for r in rows)
+        out = self.model(ids, attn, positions, return_kv=want_kv, logits_at=at)
+        logits, kv = out if want_kv else (out, None)
+        self.stats.forward_passes += 1
+        self.stats.query_tokens += int(attn.sum())
+        result = {}
+        for i, r in enumerate(rows):
+            n = r.current.stop - r.current.start
+            result[id(r)] = logits[i, :n]
+            if r.sampler.cache != "none":
+                pad = width - r.seq.numel()
+                r.cache, r.fresh = kv.rows(torch.tensor([i], device=self.device)).positions(slice(pad, width)), True
+        for j, r in enumerate(guided):
+            n = r.current.stop - r.current.start
+            cond, unc = result[id(r)], logits[len(rows) + j, :n]
+            result[id(r)] = unc + (r.sampler.cfg_scale + 1.0) * (cond - unc)
+        return result
+
+    def _cached_pass(self, rows: list[Row]) -> dict[int, Tensor]:
+        """Each row's block (and, with the prefix cache, the rest after it) against its cached keys
+        and values of the positions outside; rows padded on the right."""
+        inputs, pasts, starts = [], [], []
+        for r in rows:
+            lo, hi, L = r.current.start, r.current.stop, r.seq.numel()
+            if r.sampler.cache == "prefix":
+                inputs.append(torch.arange(lo, L, device=self.device))
+                pasts.append(r.cache.positions(slice(0, lo)))
+            else:
+                inputs.append(torch.arange(lo, hi, device=self.device))
+                outside = torch.cat([torch.arange(0, lo, device=self.device), torch.arange(hi, L, device=self.device)])
+                pasts.append(r.cache.positions(outside))
+            starts.append(lo)
+        width = max(p.numel() for p in inputs)
+        ids = torch.full((len(rows), width), self.mask_id, dtype=torch.long, device=self.device)
+        attn = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, (r, pos) in enumerate(zip(rows, inputs)):
+            ids[i, :pos.numel()], attn[i, :pos.numel()], positions[i, :pos.numel()] = r.seq[pos], 1, pos
+            positions[i, pos.numel():] = pos[-1]
+        n_block = max(r.current.stop - r.current.start for r in rows)
+        logits = self.model(ids, attn, positions, past=KV.stack(pasts), logits_at=slice(0, n_block))
+        self.stats.forward_passes += 1
+        self.stats.query_tokens += int(attn.sum())
+        return {id(r): logits[i, :r.current.stop - r.current.start] for i, r in enumerate(rows)}
+
+    # --- one row's step ------------------------------------------------------------------------------
+    def _reveal(self, row: Row, logits: Tensor) -> None:
+        sampler, block = row.sampler, row.current
+        x_block = row.seq[block][None]  # (1, N)
+        masked = x_block == self.mask_id
+        banned = torch.tensor([self.mask_id], device=self.device)
+        if sampler.eos == "forbid":
+            banned = torch.cat([banned, row.stop])
+        logits = ban_tokens(logits[None, :, :self.vocab_size], banned)  # (1, N, V)
+        x0 = gumbel_argmax(logits, sampler.temperature, row.generator)
+        score = REMASKING[sampler.remasking](logits, x0, row.generator)
+        s = row.step_in_block
+        if sampler.parallel == "schedule":
+            k = row.schedule[s:s + 1]
+        else:
+            left = sampler.steps_per_block - s
+            at_least = (masked.sum(1) + left - 1) // left
+            probs = logits.double().softmax(-1)
+            confidence = probs.gather(-1, x0[..., None])[..., 0]
+            entropy = -torch.special.xlogy(probs, probs).sum(-1)
+            k = reveal_counts(confidence, entropy, masked, sampler, at_least)
+        late = torch.isin(x0, row.stop) if sampler.eos == "delay" else torch.zeros_like(masked)
+        chosen = select_top_k(score, torch.where(masked, late.long(), 2), k) & masked
+        row.seq[block] = torch.where(chosen, x0, x_block)[0]
+        step = row.block * sampler.steps_per_block + s
+        revealed = torch.zeros_like(row.seq, dtype=torch.bool)
+        revealed[block] = chosen[0]
+        row.reveal_step = row.reveal_step.masked_fill(revealed, step)
+        self.stats.steps = max(self.stats.steps, step + 1)
+        row.step_in_block += 1
+        ended = sampler.stop_at_eos and row.stop.numel() > 0 and bool(
+            answers_ended(row.seq[None], row.prompt_len, row.stop, self.mask_id)[0])
+        if not (row.seq[block] == self.mask_id).any() or row.step_in_block == sampler.steps_per_block:
+            row.block += 1
+            while row.block < len(row.blocks) and not (row.seq[row.current] == self.mask_id).any():
+                row.block += 1
+            if row.block < len(row.blocks):
+                row.start_block(self.mask_id)
+        row.ended = ended
+        row.finished = ended or row.block >= len(row.blocks)
+        if row.on_step is not None:
+            row.on_step(StepInfo(step, min(row.block, len(row.blocks) - 1), row.seq[None].clone(), revealed[None],
+                                 row.reveal_step[None].clone(), row.prompt_len, row.finished))
 
 
 @torch.no_grad()
@@ -93,109 +275,19 @@ def generate_fast(model: Callable, prompt: Tensor, sampler: SamplerConfig, *, ma
                   attention_mask: Tensor | None = None, eos_ids: Sequence[int] = (),
                   generator: torch.Generator | None = None,
                   on_step: Callable[[StepInfo], None] | None = None) -> tuple[Tensor, SamplingStats]:
-    """Fill sampler.gen_length masked positions after `prompt` (B, P): (B, P + gen_length), stats.
-    Positions after a row's end-of-text may keep the mask id. See the module doc."""
+    """Fill sampler.gen_length masked positions after each row of `prompt` (B, P), left-padded
+    where `attention_mask` is 0: (B, P + gen_length) and the cost. Positions after a row's
+    end-of-text may keep the mask id. Rows share `generator` (one row: as the reference does);
+    `on_step` sees each row's steps (a (1, L) StepInfo; with one row, the batch's)."""
     check_prompt(prompt, attention_mask, mask_id)
-    if sampler.cfg_scale and sampler.cache != "none":
-        raise RemaskError("classifier-free guidance needs two caches; use cfg_scale with cache none")
-    P, L = prompt.shape[1], prompt.shape[1] + sampler.gen_length
-    full, full_attn = append_masks(prompt, attention_mask, sampler.gen_length, mask_id)  # (B, L)
-    reveal_step = torch.full_like(full, -1)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=full.device)
-    banned = torch.cat([torch.tensor([mask_id], device=full.device), eos]) if sampler.eos == "forbid" else \
-        torch.tensor([mask_id], device=full.device)
-    rows, stats = _Rows(full.clone(), full_attn), SamplingStats()
-    blocks = block_slices(P, sampler.gen_length, sampler.effective_block_length)
-    for b, block in enumerate(blocks):
-        schedule = num_transfer_tokens(rows.x[:, block] == mask_id, sampler.steps_per_block)  # (B, S) per row
-        fresh = False  # the cache has been refreshed for this block
-        for s in range(sampler.steps_per_block):
-            step = b * sampler.steps_per_block + s  # the reference's numbering
-            masked = rows.x[:, block] == mask_id  # (B, N)
-            if not masked.any():
-                break
-            at_least = schedule[:, s] if sampler.parallel == "schedule" else _minimum(masked, sampler, s)
-            if sampler.parallel == "schedule" and not at_least.any():
-                continue  # nothing to reveal in this step: no forward pass
-            logits = _block_logits(model, rows, block, L, refresh=not fresh, sampler=sampler, prompt_len=P,
-                                   mask_id=mask_id, stats=stats)
-            fresh = True
-            logits = ban_tokens(logits[..., :vocab_size], banned)  # (B, N, V)
-            x0 = gumbel_argmax(logits, sampler.temperature, generator)  # (B, N)
-            score = REMASKING[sampler.remasking](logits, x0, generator)  # (B, N) float64
-            if sampler.parallel == "schedule":
-                k = at_least
-            else:
-                probs = logits.double().softmax(-1)
-                confidence = probs.gather(-1, x0[..., None])[..., 0]
-                entropy = -torch.special.xlogy(probs, probs).sum(-1)
-                k = reveal_counts(confidence, entropy, masked, sampler, at_least)
-            late = torch.isin(x0, eos) if sampler.eos == "delay" else torch.zeros_like(masked)
-            tier = torch.where(masked, late.long(), 2)
-            chosen = select_top_k(score, tier, k) & masked
-            rows.x[:, block] = torch.where(chosen, x0, rows.x[:, block])
-            revealed = torch.zeros_like(rows.x, dtype=torch.bool)
-            revealed[:, block] = chosen
-            full[rows.index] = rows.x
-            reveal_step[rows.index] = reveal_step[rows.index].masked_fill(revealed, step)
-            stats.steps = step + 1
-            ended = (answers_ended(rows.x, P, eos, mask_id) if sampler.stop_at_eos and eos.numel()
-                     else torch.zeros(rows.x.shape[0], dtype=torch.bool, device=full.device))
-            done = bool(ended.all()) or (b == len(blocks) - 1 and not (rows.x[:, block] == mask_id).any())
-            if on_step is not None:
-                all_revealed = torch.zeros_like(full, dtype=torch.bool)
-                all_revealed[rows.index] = revealed
-                on_step(StepInfo(step, b, full.clone(), all_revealed, reveal_step.clone(), P, done))
-            if ended.any():
-                rows.keep(~ended)
-                schedule = schedule[~ended]
-                if rows.x.shape[0] == 0:
-                    return full, stats
-    return full, stats
-
-
-def _minimum(masked: Tensor, sampler: SamplerConfig, s: int) -> Tensor:
-    """Per row, the fewest reveals that still finish the block within its steps."""
-    left = sampler.steps_per_block - s
-    return (masked.sum(1) + left - 1) // left
-
-
-def _block_logits(model: Callable, rows: _Rows, block: slice, L: int, *, refresh: bool, sampler: SamplerConfig,
-                  prompt_len: int, mask_id: int, stats: SamplingStats) -> Tensor:
-    """(B, N, V) logits of the block's positions, by a full pass or from the cache."""
-    lo, hi = block.start, block.stop
-    x, attn = rows.x, rows.attn
-    B = x.shape[0]
-    device = x.device
-    cache = sampler.cache
-    if sampler.cfg_scale:  # LLaDA eq. 16: the unconditional branch masks the prompt; both in one batch
-        uncond = x.clone()
-        uncond[:, :prompt_len] = mask_id
-        both = model(torch.cat([x, uncond]), None if attn is None else torch.cat([attn, attn]), logits_at=block)
-        stats.forward_passes += 1
-        stats.query_tokens += 2 * B * L
-        cond, unc = both.chunk(2)
-        return unc + (sampler.cfg_scale + 1.0) * (cond - unc)
-    if cache == "none" or refresh:
-        want_kv = cache != "none"
-        out = model(x, attn, return_kv=want_kv, logits_at=block)
-        stats.forward_passes += 1
-        stats.query_tokens += B * L
-        if want_kv:
-            logits, kv = out
-            rows.cache = kv
-            return logits
-        return out
-    kv: KV = rows.cache
-    if cache == "prefix":  # recompute the block and everything after it
-        positions = torch.arange(lo, L, device=device)
-        logits = model(x[:, lo:], None if attn is None else attn[:, lo:], positions,
-                       past=kv.positions(slice(0, lo)), logits_at=slice(0, hi - lo))
-        stats.query_tokens += B * (L - lo)
-    else:  # dual: recompute the block only
-        positions = torch.arange(lo, hi, device=device)
-        outside = torch.cat([torch.arange(0, lo, device=device), torch.arange(hi, L, device=device)])
-        logits = model(x[:, lo:hi], None if attn is None else attn[:, lo:hi], positions, past=kv.positions(outside))
-        stats.query_tokens += B * (hi - lo)
-    stats.forward_passes += 1
-    return logits
+    engine = Engine(model, mask_id=mask_id, vocab_size=vocab_size, eos_ids=eos_ids)
+    rows = []
+    for b in range(prompt.shape[0]):
+        keep = slice(None) if attention_mask is None else attention_mask[b].bool()
+        rows.append(engine.add(prompt[b][keep], sampler, generator=generator, on_step=on_step))
+    engine.run()
+    P = prompt.shape[1]
+    out = torch.cat([prompt, prompt.new_full((prompt.shape[0], sampler.gen_length), mask_id)], dim=1)
+    for b, row in enumerate(rows):
+        out[b, P:] = row.seq[row.prompt_len:]
+    return out, engine.stats
