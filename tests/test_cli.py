@@ -198,3 +198,35 @@ def test_chat_session_without_a_terminal(model_dir):
     terminal_chat(ChatSession(pipe, sampler), stdin=io.BytesIO("床前\n/reset\n".encode() + b"\xff\n" + "白日\n\n".encode()),
                   stdout=out, stderr=err)
     assert out.getvalue().count("you> ") == 5 and err.getvalue().count("error:") == 1
+
+
+def test_chat_commands_change_settings_and_ctrl_c_stops_only_the_answer(model_dir):
+    import io
+
+    from remask.app.chat import ChatSession, parse_settings, terminal_chat
+
+    pipe = Pipeline.load(model_dir)
+    session = ChatSession(pipe, SamplerConfig(gen_length=8, steps=8, block_length=4))
+    out, err = io.StringIO(), io.StringIO()
+    lines = "/set temperature=0.5 steps=4 cache=dual block_length=none\n/set steps=x\n/set colour=red\n/settings\n床前\n\n"
+    terminal_chat(session, stdin=io.BytesIO(lines.encode()), stdout=out, stderr=err)
+    assert session.sampler == SamplerConfig(gen_length=8, steps=4, block_length=None, temperature=0.5, cache="dual")
+    assert "steps takes an integer, got 'x'" in err.getvalue() and "expected KEY=VALUE" in err.getvalue()
+    assert len(session.history) == 2
+    with pytest.raises(Exception, match="must be one of"):
+        parse_settings(session.sampler, ["remasking=greedy"])
+    # Ctrl-C while an answer is denoised: the answer is dropped, the chat goes on to the next message.
+    real_ask = session.ask
+    calls = []
+
+    def interrupted_once(message, on_step=None):
+        calls.append(message)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_ask(message, on_step=on_step)
+
+    session.ask = interrupted_once
+    history = list(session.history)
+    terminal_chat(session, stdin=io.BytesIO("白日\n春眠\n\n".encode()), stdout=out, stderr=err)
+    assert calls == ["白日", "春眠"] and "(stopped" in err.getvalue()
+    assert session.history[:2] == history and session.history[2]["content"] == "春眠"

@@ -1,12 +1,15 @@
 """Multi-turn chat: a session that keeps the dialogue (and forgets its oldest exchanges to fit the
-context), and the terminal loop over it. Both run without a terminal: tests drive them with
+context), and the terminal loop over it, with commands to change the sampler settings. Ctrl-C
+stops the answer being denoised, not the chat. Both run without a terminal: tests drive them with
 strings."""
 
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import BinaryIO, TextIO
 
 from remask.app.display import DenoisingView
@@ -49,6 +52,46 @@ class ChatSession:
         self.history = []
 
 
+HELP = """commands:
+  /set KEY=VALUE ...   change sampler settings (e.g. /set temperature=0.5 steps=64 cache=dual)
+  /settings            show the sampler settings
+  /reset               forget the dialogue
+  /help                this list
+an empty line or Ctrl-D ends the chat; Ctrl-C stops the answer being written"""
+
+
+def parse_settings(sampler: SamplerConfig, words: list[str]) -> SamplerConfig:
+    """`sampler` with KEY=VALUE changes, each value read as its field's type (none -> None)."""
+    hints = typing.get_type_hints(SamplerConfig)
+    known = {f.name for f in fields(SamplerConfig)}
+    changes = {}
+    for word in words:
+        key, sep, text = word.partition("=")
+        if not sep or key not in known:
+            raise RemaskError(f"expected KEY=VALUE with KEY one of {', '.join(sorted(known))}, got {word!r}")
+        tp = hints[key]
+        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        value: object = text
+        if text.lower() in ("none", "null") and type(None) in options:
+            value = None
+        elif bool in options:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise RemaskError(f"{key} takes true or false, got {text!r}")
+            value = text.lower() in ("true", "1", "yes", "on")
+        elif int in options:
+            try:
+                value = int(text)
+            except ValueError:
+                raise RemaskError(f"{key} takes an integer, got {text!r}") from None
+        elif float in options:
+            try:
+                value = float(text)
+            except ValueError:
+                raise RemaskError(f"{key} takes a number, got {text!r}") from None
+        changes[key] = value
+    return sampler.replace(**changes)
+
+
 def read_line(stream: BinaryIO) -> str | None:
     """One line of UTF-8 input without its newline; None at end of input. Invalid UTF-8 raises
     RemaskError (the line is consumed, so the conversation can go on)."""
@@ -60,11 +103,12 @@ def read_line(stream: BinaryIO) -> str | None:
 
 def terminal_chat(session: ChatSession, *, stdin: BinaryIO | None = None, stdout: TextIO | None = None,
                   stderr: TextIO | None = None) -> None:
-    """Read messages until an empty line or end of input; /reset forgets the dialogue. Each answer
-    unmasks live on a terminal. A message that cannot be answered is reported and skipped."""
+    """Read messages until an empty line or end of input; commands start with / (see HELP). Each
+    answer unmasks live on a terminal. A message that cannot be answered is reported and skipped;
+    Ctrl-C while an answer is denoised drops that answer and the chat goes on."""
     stdin = stdin or sys.stdin.buffer
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    print("remask chat -- an empty line or Ctrl-D ends, /reset forgets the dialogue.", file=stderr)
+    print("remask chat -- an empty line or Ctrl-D ends; /help lists the commands.", file=stderr)
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -73,13 +117,37 @@ def terminal_chat(session: ChatSession, *, stdin: BinaryIO | None = None, stdout
         except RemaskError as e:
             print(f"error: {e}", file=stderr)
             continue
+        except KeyboardInterrupt:
+            print("\n(an empty line or Ctrl-D ends the chat)", file=stderr)
+            continue
         if line is None or not line.strip():
             return
-        if line.strip() == "/reset":
-            session.reset()
+        words = line.split()
+        if words[0] in ("/reset", "/help", "/settings", "/set"):
+            command(session, words, stderr)
             continue
         view = DenoisingView(session.pipeline.tokenizer, session.pipeline.stop_ids(), session.sampler, stream=stdout)
         try:
             session.ask(line.strip(), on_step=view)
         except RemaskError as e:
             print(f"error: {e}", file=stderr)
+        except KeyboardInterrupt:
+            print("\n(stopped; the answer was dropped)", file=stderr)
+
+
+def command(session: ChatSession, words: list[str], out: TextIO) -> None:
+    name = words[0]
+    if name == "/reset":
+        session.reset()
+        print("(the dialogue is forgotten)", file=out)
+    elif name == "/help":
+        print(HELP, file=out)
+    elif name == "/settings":
+        print(" ".join(f"{k}={v}" for k, v in session.sampler.to_dict().items()), file=out)
+    else:
+        try:
+            session.sampler = parse_settings(session.sampler, words[1:])
+        except RemaskError as e:
+            print(f"error: {e}", file=out)
+            return
+        print(" ".join(f"{k}={v}" for k, v in session.sampler.to_dict().items()), file=out)

@@ -357,6 +357,55 @@ def eval_harness(argv: list[str]) -> None:
     cli_evaluate()
 
 
+SERVE_SAMPLER = SamplerConfig(gen_length=128, steps=128, block_length=32, cache="dual", parallel="threshold",
+                              threshold=0.9)
+
+
+def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          sampler: Annotated[SamplerConfig, Flat] = SERVE_SAMPLER, max_tokens_limit: int = 512, max_batch: int = 16,
+          max_queue: int = 64, batching: bool = True, name: str | None = None, device: str = "cpu") -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a page that shows the denoising live.
+
+    Args:
+        model: A model directory (a diffusion model).
+        host: Address to bind (loopback by default; 0.0.0.0 exposes the server to the network).
+        port: TCP port.
+        api_key: Require `Authorization: Bearer KEY` on /v1/ (default: $REMASK_API_KEY; unset: no key).
+        sampler: The default sampler settings (a request may override each); gen_length is the default
+            max_tokens.
+        max_tokens_limit: The largest max_tokens a request may ask for.
+        max_batch: Requests denoised together at most.
+        max_queue: Requests waiting at most; beyond it the server answers 503 with Retry-After.
+        batching: Denoise concurrent requests together (off: one at a time).
+        name: The model id clients use (default: the directory's name).
+        device: cpu, cuda or cuda:N.
+    """
+    import os
+
+    try:
+        import uvicorn
+
+        from remask.serve.api import create_app
+    except ImportError:
+        raise RemaskError("remask serve needs FastAPI and uvicorn: pip install 'remask[serve]'") from None
+    from remask.app.pipeline import Pipeline
+
+    for label, value in (("--max-tokens-limit", max_tokens_limit), ("--max-batch", max_batch), ("--max-queue", max_queue),
+                         ("--port", port)):
+        if value < (0 if label == "--port" else 1) or (label == "--port" and value > 65535):
+            raise RemaskError(f"{label} is out of range: {value}")
+    pipe = Pipeline.load(model, device=device)
+    if pipe.model.config.causal:
+        raise RemaskError(f"{model} is an AR twin; remask serve denoises with a diffusion model")
+    key = api_key or os.environ.get("REMASK_API_KEY") or None
+    directory = Path(model).resolve()
+    default_name = directory.parent.name if directory.name == "final" else directory.name  # runs/demo/final: demo
+    app = create_app(pipe, model_name=name or default_name, sampler=sampler, api_key=key,
+                     max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue, batching=batching)
+    print(f"serving {model} on http://{host}:{port}/ (OpenAI API under /v1/)", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @dataclass(frozen=True)
 class Command:
     """A command: `schema` is what tyro parses (a function it calls, or a dataclass handed to
@@ -381,6 +430,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(PretrainCommand, pretrain, recipe=PretrainConfig),
     "sft": Command(SFTCommand, sft, recipe=SFTConfig),
     "plot": Command(plot),
+    "serve": Command(serve),
     "eval ppl": Command(eval_ppl),
     "eval choice": Command(eval_choice),
     "eval reversal": Command(eval_reversal),

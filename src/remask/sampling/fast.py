@@ -154,6 +154,10 @@ class Engine:
         self.rows = [r for r in self.rows if not r.finished]
         return finished
 
+    def remove(self, row: Row) -> None:
+        """Drop a row (its request was cancelled); it costs nothing from the next step on."""
+        self.rows = [r for r in self.rows if r is not row]
+
     def run(self) -> None:
         while self.rows:
             self.step()
