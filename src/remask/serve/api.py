@@ -314,7 +314,9 @@ def create_app(pipe: Pipeline, *, model_name: str, sampler: SamplerConfig, api_k
                 yield chunk("", reason)
                 if req.stream_options is not None and req.stream_options.include_usage:
                     usage = {"prompt_tokens": prompt_len, "completion_tokens": tokens, "total_tokens": prompt_len + tokens}
-                    yield f"data: {json.dumps({'id': ident, 'object': obj, 'created': int(time.time()), 'model': model_name, 'choices': [], 'usage': usage})}\n\n".encode()
+                    body = {"id": ident, "object": obj, "created": int(time.time()), "model": model_name, "choices": [],
+                            "usage": usage}
+                    yield f"data: {json.dumps(body)}\n\n".encode()
                 break
             yield b"data: [DONE]\n\n"
         finally:
