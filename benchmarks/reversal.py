@@ -5,7 +5,9 @@ about part of them, and tested on the rest, which they saw in pretraining only.
     python benchmarks/reversal.py [--poems FILE] [--holdout PAIRS.jsonl] [--parts train eval ablations]
 
 - pretraining data: `--poem-count` poems of the fortune-format `--poems` file (default: the 300
-  Tang poems) and the country -> capital facts, one sentence each (country first);
+  Tang poems), the country -> capital facts, one sentence each (country first), and the file's
+  `--long-poems` longest poems `--long-repeat` times (for benchmarks/sampling.py's memorised
+  continuations; never in the reversal sets);
 - SFT: `X的下一句是什么？` / `X的上一句是什么？` (and "What is the capital of X?" / "Which country has the
   capital Y?") for the pairs of the SFT documents, both directions;
 - test: the pairs of the held-out documents (or `--holdout` pairs: their poems are held out),
@@ -14,7 +16,8 @@ about part of them, and tested on the rest, which they saw in pretraining only.
 - ablations (`--parts ablations`): forward/backward accuracy of the SFT'd diffusion model against
   sampling steps, remasking, block length, guidance scale and answer length.
 
-Models are kept under `--out` (default runs/reversal/) and reused when their recipe is unchanged.
+Models are kept under `--out` (default runs/reversal/) and reused when their recipe is unchanged,
+with the corpus, the SFT dialogues and the test pairs (test_pairs.jsonl, in `--holdout`'s format).
 Writes benchmarks/results/reversal.json (and reversal_ablations.json + PNGs with --parts ablations).
 """
 
@@ -63,10 +66,17 @@ from remask.train.sft import sft
 OBJECTIVES = ("mdm", "ar")
 
 
-def choose_poems(all_poems, count: int, seed: int, holdout: list[tuple[str, str]] | None):
-    """`count` poems with couplets (a seeded choice), always including those that hold `holdout` pairs."""
+def longest_poems(all_poems, count: int) -> list[int]:
+    """Indices of the `count` longest poems: extra pretraining text that the sampling benchmark asks
+    the models to continue from memory (benchmarks/sampling.py); never in the reversal sets."""
+    return sorted(range(len(all_poems)), key=lambda i: (-len(all_poems[i].text()), i))[:count]
+
+
+def choose_poems(all_poems, count: int, seed: int, holdout: list[tuple[str, str]] | None, exclude=()):
+    """`count` poems with couplets (a seeded choice), always including those that hold `holdout` pairs,
+    never those in `exclude`."""
     data = poem_set(all_poems)
-    with_pairs = sorted(data.by_source())
+    with_pairs = sorted(set(data.by_source()) - set(exclude))
     needed = set()
     if holdout is not None:
         index = {(p.first, p.second): p.source for p in data.pairs}
@@ -76,11 +86,11 @@ def choose_poems(all_poems, count: int, seed: int, holdout: list[tuple[str, str]
     return [all_poems[i] for i in chosen], data.stats
 
 
-def corpus_text(sets: list[ReversalSet]) -> str:
-    """Fortune format: every document one entry; a last entry holds the question templates' words
-    (no pair in it) so the character tokenizer knows them."""
+def corpus_text(sets: list[ReversalSet], extra: list[str] = ()) -> str:
+    """Fortune format: every document one entry, then `extra` documents; a last entry holds the
+    question templates' words (no pair in it) so the character tokenizer knows them."""
     template_words = " ".join(t.format(x="") for kinds in QUESTIONS.values() for t in kinds.values())
-    docs = [d for s in sets for d in s.documents] + [template_words]
+    docs = [d for s in sets for d in s.documents] + list(extra) + [template_words]
     return "\n%\n".join(docs) + "\n"
 
 
@@ -99,7 +109,7 @@ def recipe(args, objective: str, corpus: Path, out: Path) -> PretrainConfig:
 def sft_recipe(args, objective: str, base: Path, data: Path, out: Path) -> SFTConfig:
     return SFTConfig(
         model=base, objective=objective, data=DialogueData(source=data, seq_len=96, val_fraction=0.05),
-        optim=OptimConfig(lr=args.sft_lr, batch_size=args.batch_size, max_steps=args.sft_steps, warmup_steps=50,
+        optim=OptimConfig(lr=args.sft_lr, batch_size=args.sft_batch_size, max_steps=args.sft_steps, warmup_steps=50,
                           decay_fraction=0.3, weight_decay=0.0),
         run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.sft_steps // 2), val_every=10**6, log_every=50,
                       progress=args.progress, resume=True))
@@ -204,7 +214,7 @@ def main() -> None:
     ap.add_argument("--holdout", default=None, help='JSONL of {"first", "second"} pairs to test on')
     ap.add_argument("--out", type=Path, default=Path("runs/reversal"))
     ap.add_argument("--parts", nargs="+", default=["train", "eval"], choices=["train", "eval", "ablations"])
-    ap.add_argument("--poem-count", type=int, default=80)
+    ap.add_argument("--poem-count", type=int, default=60)
     ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="demo")
@@ -212,12 +222,16 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=None)
     ap.add_argument("--n-heads", type=int, default=None)
     ap.add_argument("--mlp-hidden-size", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--long-poems", type=int, default=6,
+                    help="the longest poems of the file, added to pretraining for benchmarks/sampling.py")
+    ap.add_argument("--long-repeat", type=int, default=3, help="copies of each long poem in the corpus")
+    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--pretrain-steps", type=int, default=2000)
+    ap.add_argument("--pretrain-steps", type=int, default=1200)
     ap.add_argument("--sft-lr", type=float, default=5e-4)
     ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-batch-size", type=int, default=16)
     ap.add_argument("--poem-answer-length", type=int, default=16)
     ap.add_argument("--fact-answer-length", type=int, default=32)
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -229,7 +243,8 @@ def main() -> None:
 
     all_poems = tang300_poems() if args.poems is None else parse_fortune_poems(decode_text(Path(args.poems)))
     holdout = load_holdout(args.holdout) if args.holdout else None
-    chosen, file_stats = choose_poems(all_poems, args.poem_count, args.seed, holdout)
+    long = longest_poems(all_poems, args.long_poems)
+    chosen, file_stats = choose_poems(all_poems, args.poem_count, args.seed, holdout, exclude=long)
     poems, facts = poem_set(chosen), capital_set()
     poem_sft, poem_test = split(poems, test_fraction=args.test_fraction, seed=args.seed, holdout=holdout)
     fact_sft, fact_test = split(facts, test_fraction=args.test_fraction, seed=args.seed)
@@ -238,8 +253,10 @@ def main() -> None:
           f"{len(facts.pairs)} capital facts: {len(fact_test)} test", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts]))
+    corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts],
+                                                                [all_poems[i].text() for i in long] * args.long_repeat))
     sft_data = write_jsonl(args.out / "sft.jsonl", sft_dialogues(poems, poem_sft) + sft_dialogues(facts, fact_sft))
+    write_jsonl(args.out / "test_pairs.jsonl", [{"first": p.first, "second": p.second} for p in poem_test])
     sft_halves = {h for p in poems.pairs if p.source in poem_sft for h in (p.first, p.second)}
     assert not sft_halves & {h for p in poem_test for h in (p.first, p.second)}  # no test couplet reaches SFT
 

@@ -1,30 +1,33 @@
 """Fast sampling against the reference sampler and the AR twin, on the same weights and prompts.
 
-    python benchmarks/sampling.py [--parts train free memorised reversal batch thresholds]
+    python benchmarks/sampling.py [--parts free memorised reversal batch thresholds]
 
-Models (trained once by `--parts train`, kept under runs/sampling/): a diffusion model and its AR
-twin (same recipe) pretrained on the Tang poems with their longest poems repeated so that they
-know them by heart; for the reversal task, the models of benchmarks/reversal.py (runs/reversal/).
+Models: those of benchmarks/reversal.py (runs/reversal/, run it first): a diffusion model and its AR
+twin with the same recipe, pretrained at 384 tokens per sequence on poems, capital facts and the six
+longest Tang poems (three copies each, so that they know them by heart), and both fine-tuned on
+the reversal questions.
 
 Tasks:
-- free: 256 answer positions after real prompts (a held-out poem's title and author, 128-token
-  context of poems before it); quality = agreement with the reference's text and the text's NLL
-  per character under the AR twin;
-- memorised: the rest of a known long poem (the first 128 tokens given, 256 to produce),
-  scored by character accuracy against the true text;
-- reversal: the poem reversal task (forward and backward accuracy) on benchmarks/reversal.py's models;
+- free: 256 answer positions after real prompts (128 tokens of the training poems, then the title
+  and author of a Tang poem the models never saw); quality = agreement with the reference's
+  tokens and the text's NLL per character under the AR twin;
+- memorised: the rest of a known long poem (its first 128 tokens given, 256 to produce), scored by
+  character accuracy against the true text;
+- reversal: the reversal poem questions of benchmarks/reversal.py's test pairs, both directions,
+  on the fine-tuned models (contains-gold accuracy);
 - batch: 16 prompts of mixed lengths at once against one at a time, same method;
-- thresholds: quality against speed over confidence thresholds (a PNG).
+- thresholds: memorised-task accuracy against speed over confidence thresholds (a PNG).
 
 Per method: forward passes, tokens per forward pass, useful tokens/s (generated tokens up to the
 end-of-text, never prompt or padding), wall time, accuracy, and the speed-up over the reference
-measured in the same run. Writes benchmarks/results/sampling.json (+ sampling_tradeoff.png).
+measured in the same run. Writes benchmarks/results/sampling.json (+ sampling_thresholds.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from _common import RESULTS_DIR, write_result
 
 from remask.app.pipeline import Pipeline
 from remask.data.corpora import tang300_poems
-from remask.data.tokenize import split_documents
+from remask.eval.reversal import DIRECTIONS, Pair, left_pad, load_holdout, question, score_answers
 from remask.sampling import SamplerConfig, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
 from remask.sampling.fast import generate_fast
@@ -74,25 +77,22 @@ def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[
     answers, passes, wall = [], 0, 0.0
     target = ar if method.sampler is None else pipe
     stops = target.stop_ids()
+    calls = [0]
+
+    def counted(i, a):
+        calls[0] += 1
+        return target.model_fn(i, a)
+
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), target.tokenizer.pad_id, dtype=torch.long)
-        attention = torch.zeros(len(chunk), width, dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):], attention[r, width - len(p):] = torch.tensor(p), 1
-        mask = None if batch_size == 1 else attention
+        ids, attention = left_pad(chunk, target.tokenizer.pad_id, target.device)
+        mask = None if len(chunk) == 1 else attention
+        calls[0] = 0
         t0 = time.perf_counter()
         if method.sampler is None and method.cached:
             x, n = ar_generate_cached(target.model, ids, gen_length, vocab_size=target.model.config.vocab_size,
                                       eos_ids=stops, attention_mask=mask)
         elif method.sampler is None:
-            calls = [0]
-
-            def counted(i, a, _calls=calls):
-                _calls[0] += 1
-                return target.model_fn(i, a)
-
             x = ar_generate(counted, ids, gen_length, eos_ids=stops, attention_mask=mask)
             n = calls[0]
         elif method.fast:
@@ -100,18 +100,12 @@ def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[
                                      vocab_size=target.model.config.vocab_size, attention_mask=mask, eos_ids=stops)
             n = stats.forward_passes
         else:
-            calls = [0]
-
-            def counted(i, a, _calls=calls):
-                _calls[0] += 1
-                return target.model_fn(i, a)
-
             x = generate(counted, ids, method.sampler, mask_id=target.tokenizer.mask_id, attention_mask=mask,
                          eos_ids=stops)
             n = calls[0]
         wall += time.perf_counter() - t0
         passes += n
-        for row in x[:, width:].tolist():
+        for row in x[:, ids.shape[1]:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
             answers.append(row if end is None else row[:end + 1])
     useful = sum(len(a) - (1 if a and a[-1] in stops else 0) for a in answers)  # tokens before the end-of-text
@@ -126,97 +120,189 @@ def char_accuracy(produced: str, truth: str) -> float:
 
 
 @torch.no_grad()
-def ar_nll_per_char(ar: Pipeline, prompt: list[int], answer_text: str) -> float:
-    ids = ar.tokenizer.encode(answer_text)
-    if not ids:
+def ar_nll_per_char(ar: Pipeline, prompt: list[int], answer: list[int]) -> float:
+    """-log p(answer | prompt) per character under the AR twin (same tokenizer as the diffusion model)."""
+    text = ar.tokenizer.decode(answer)
+    if not answer or not text:
         return float("nan")
-    seq = torch.tensor([prompt + ids])
+    seq = torch.tensor([prompt + answer])
     logp = torch.log_softmax(ar.model_fn(seq, None)[0, len(prompt) - 1:-1].double(), -1)
-    return -logp.gather(-1, torch.tensor(ids)[:, None]).sum().item() / len(answer_text)
+    return -logp.gather(-1, torch.tensor(answer)[:, None]).sum().item() / len(text)
 
 
-def free_prompts(pipe: Pipeline, count: int, context: int) -> list[list[int]]:
-    """A held-out poem's title and author after `context` tokens of the poems before it."""
-    poems = tang300_poems()
-    docs = [p.text() for p in poems]
-    _, val = split_documents(docs, 0.05)
-    tok, out = pipe.tokenizer, []
-    for i in val[:count]:
-        before = [t for d in docs[max(0, i - 4):i] for t in [tok.bos_id, *tok.encode(d), tok.eos_id]][-context:]
-        head = f"{poems[i].title}\n{poems[i].author}\n"
-        out.append(before + [tok.bos_id, *tok.encode(head)])
+def corpus_documents(run_dir: Path) -> list[str]:
+    """The documents the models were pretrained on (benchmarks/reversal.py's corpus.txt)."""
+    return (run_dir / "corpus.txt").read_text(encoding="utf-8").split("\n%\n")
+
+
+def free_prompts(pipe: Pipeline, docs: list[str], count: int, contexts: list[int]) -> list[list[int]]:
+    """`context` tokens of training poems, then the title and author of a Tang poem the models
+    never saw (one whose characters they all know)."""
+    tok, seen = pipe.tokenizer, set(docs)
+    stream = [t for d in docs[:40] for t in [tok.bos_id, *tok.encode(d), tok.eos_id]]
+    unk = tok.token_to_id("<|unk|>")
+    out = []
+    for poem in tang300_poems():
+        head = tok.encode(f"{poem.title}\n{poem.author}\n")
+        if poem.text() in seen or unk in head:
+            continue
+        context = contexts[len(out) % len(contexts)]
+        out.append(stream[len(out) * 7:len(out) * 7 + context] + [tok.bos_id, *head])
+        if len(out) == count:
+            return out
     return out
 
 
-def memorised_prompts(pipe: Pipeline, poems, context: int, length: int) -> tuple[list[list[int]], list[str]]:
-    """The first `context` tokens of each long poem and its next `length` characters."""
+def memorised_prompts(pipe: Pipeline, docs: list[str], count: int, context: int,
+                      length: int) -> tuple[list[list[int]], list[str]]:
+    """The first `context` tokens of each of the `count` longest training poems and their next
+    `length` characters."""
     tok = pipe.tokenizer
     prompts, truths = [], []
-    for poem in poems:
-        ids = [tok.bos_id, *tok.encode(poem.text())]
+    for text in sorted(set(docs), key=lambda d: -len(d))[:count]:
+        ids = [tok.bos_id, *tok.encode(text)]
         prompts.append(ids[:context])
         truths.append(tok.decode(ids[context:context + length]))
     return prompts, truths
 
 
-def table(rows: list[dict], ref_speed: float) -> list[dict]:
+def reversal_questions(pipe: Pipeline, pairs: list[Pair]) -> tuple[list[list[int]], list[str]]:
+    """Both directions of every test pair as one chat turn: (prompt ids, gold half-lines)."""
+    prompts, golds = [], []
+    for direction in DIRECTIONS:
+        for pair in pairs:
+            q, gold = question("poem", direction, pair)
+            prompts.append(pipe.encode_prompt([{"role": "user", "content": q}]))
+            golds.append(gold)
+    return prompts, golds
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    ref = next((r["tokens_per_s"] for r in rows if r["method"] == REF), None)
     for r in rows:
-        r["speedup_vs_naive"] = r["tokens_per_s"] / ref_speed if ref_speed else None
+        r["speedup_vs_naive"] = r["tokens_per_s"] / ref if ref else None
     return rows
+
+
+def plot_thresholds(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from remask.atomic import atomic_file
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for prefix, label in (("threshold_", "threshold, no cache"), ("dual_threshold_", "dual cache + threshold")):
+        pts = [r for r in rows if r["method"].startswith(prefix)]
+        ax.plot([r["tokens_per_s"] for r in pts], [r["accuracy"] for r in pts], "o-", label=label)
+        for r in pts:
+            ax.annotate(r["method"].rsplit("_", 1)[1], (r["tokens_per_s"], r["accuracy"]), fontsize=7)
+    for r in rows:
+        if r["method"] in (REF, "ar_kv_cache"):
+            ax.plot([r["tokens_per_s"]], [r["accuracy"]], "s", label=r["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("useful tokens/s (log)")
+    ax.set_ylabel("character accuracy (memorised continuation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["free", "memorised", "reversal", "batch", "thresholds"])
-    ap.add_argument("--mdm", type=Path, default=Path("runs/sampling/mdm/final"))
-    ap.add_argument("--ar", type=Path, default=Path("runs/sampling/ar/final"))
-    ap.add_argument("--reversal-dir", type=Path, default=Path("runs/reversal"))
+    ap.add_argument("--parts", nargs="+", default=["free", "memorised", "reversal", "batch", "thresholds"],
+                    choices=["free", "memorised", "reversal", "batch", "thresholds"])
+    ap.add_argument("--runs", type=Path, default=Path("runs/reversal"), help="benchmarks/reversal.py's --out")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reversal-length", type=int, default=16, help="answer positions for the reversal questions")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_grad_enabled(False)
     previous = RESULTS_DIR / "sampling.json"
     results = json.loads(previous.read_text())["results"] if previous.exists() else {}
-    pipe, ar = Pipeline.load(args.mdm), Pipeline.load(args.ar)
+    pipe, ar = Pipeline.load(args.runs / "mdm" / "final"), Pipeline.load(args.runs / "ar" / "final")
+    docs = corpus_documents(args.runs)
     L, block = args.gen_length, args.block_length
 
-    def evaluate(task: str, prompts: list[list[int]], score, method_list: list[Method]) -> list[dict]:
+    def evaluate(task: str, prompts, score, method_list: list[Method], mdm: Pipeline, twin: Pipeline,
+                 length: int) -> list[dict]:
         rows, reference_answers = [], None
         for m in method_list:
-            answers, cost = run_method(m, pipe, ar, prompts, L)
+            answers, cost = run_method(m, mdm, twin, prompts, length)
             if m.name == REF:
                 reference_answers = answers
-            texts = [(ar if m.sampler is None else pipe).tokenizer.decode(a) for a in answers]
-            rows.append({"method": m.name, "task": task, "gen_length": L, "batch_size": 1, **cost,
-                         "accuracy": score(texts, answers, reference_answers),
+            rows.append({"method": m.name, "task": task, "gen_length": length, "batch_size": 1, **cost,
+                         **score(answers, reference_answers),
                          "sampler": None if m.sampler is None else m.sampler.to_dict()})
             print(f"{task:<10} {m.name:<22} {cost['forward_passes']:>6} passes {cost['tokens_per_forward']:6.2f} tok/pass "
                   f"{cost['tokens_per_s']:8.1f} tok/s acc {rows[-1]['accuracy']:.3f}", file=sys.stderr)
-        ref_speed = next(r["tokens_per_s"] for r in rows if r["method"] == REF)
-        return table(rows, ref_speed)
+        return add_speedups(rows)
 
     all_rows = results.get("methods", [])
+
+    def keep(task: str, rows: list[dict]) -> None:
+        nonlocal all_rows
+        all_rows = [r for r in all_rows if r.get("task") != task] + rows
+
+    free = free_prompts(pipe, docs, args.prompts, [args.context])
     if "free" in args.parts:
-        prompts = free_prompts(pipe, args.prompts, args.context)
-
-        def score_free(texts, answers, ref):
+        def score_free(answers, ref):
             agree = [sum(a == b for a, b in zip(x, r)) / max(1, len(r)) for x, r in zip(answers, ref or answers)]
-            return sum(agree) / len(agree)
+            return {"accuracy": statistics.fmean(agree),
+                    "ar_nll_per_char": statistics.fmean(ar_nll_per_char(ar, p, a) for p, a in zip(free, answers))}
 
-        rows = evaluate("free", prompts, score_free, methods(L, block))
-        all_rows = [r for r in all_rows if r.get("task") != "free"] + rows
+        keep("free", evaluate("free", free, score_free, methods(L, block), pipe, ar, L))
+    prompts, truths = memorised_prompts(pipe, docs, args.prompts, args.context, L)
+
+    def score_memorised(answers, ref):
+        return {"accuracy": statistics.fmean(char_accuracy(pipe.tokenizer.decode(a), t) for a, t in zip(answers, truths))}
+
     if "memorised" in args.parts:
-        long_poems = sorted(tang300_poems(), key=lambda p: -len(p.text()))[:args.prompts]
-        prompts, truths = memorised_prompts(pipe, long_poems, args.context, L)
+        keep("memorised", evaluate("memorised", prompts, score_memorised, methods(L, block), pipe, ar, L))
+    if "thresholds" in args.parts:
+        rows = evaluate("thresholds", prompts, score_memorised,
+                        [m for m in methods(L, block, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
+                         if m.name == REF or m.name == "ar_kv_cache" or "threshold" in m.name], pipe, ar, L)
+        keep("thresholds", rows)
+        plot_thresholds(rows, RESULTS_DIR / "sampling_thresholds.png")
+    if "reversal" in args.parts:
+        pairs = [Pair(first, second, -1) for first, second in load_holdout(args.runs / "test_pairs.jsonl")]
+        sft, sft_ar = Pipeline.load(args.runs / "mdm-sft" / "final"), Pipeline.load(args.runs / "ar-sft" / "final")
+        n = args.reversal_length
+        questions, golds = reversal_questions(sft, pairs)
 
-        def score_memorised(texts, answers, ref):
-            return sum(char_accuracy(t, truth) for t, truth in zip(texts, truths)) / len(truths)
+        def score_reversal(answers, ref):
+            texts = [sft.answer(a, [0] * len(a)).text for a in answers]
+            half = len(golds) // 2
+            fwd, bwd = score_answers(texts[:half], golds[:half]), score_answers(texts[half:], golds[half:])
+            return {"accuracy": score_answers(texts, golds)["accuracy"], "forward": fwd["accuracy"],
+                    "backward": bwd["accuracy"]}
 
-        rows = evaluate("memorised", prompts, score_memorised, methods(L, block))
-        all_rows = [r for r in all_rows if r.get("task") != "memorised"] + rows
+        keep("reversal", evaluate("reversal", questions, score_reversal, methods(n, n), sft, sft_ar, n))
+    if "batch" in args.parts:
+        mixed = free_prompts(pipe, docs, args.batch, [16, 48, 80, 128])
+        rows = []
+        for m in [m for m in methods(L, block) if m.name in ("dual_threshold_0.9", "lossless", "ar_kv_cache")]:
+            alone_answers, alone = run_method(m, pipe, ar, mixed, L, batch_size=1)
+            batched_answers, batched = run_method(m, pipe, ar, mixed, L, batch_size=args.batch)
+            for size, cost, answers in ((1, alone, alone_answers), (args.batch, batched, batched_answers)):
+                rows.append({"method": m.name, "task": "batch", "gen_length": L, "batch_size": size, **cost,
+                             "accuracy": statistics.fmean(
+                                 sum(a == b for a, b in zip(x, r)) / max(1, len(r)) for x, r in zip(answers, alone_answers)),
+                             "speedup_vs_batch_1": cost["tokens_per_s"] / alone["tokens_per_s"]})
+                print(f"batch {size:>3} {m.name:<22} {cost['tokens_per_s']:8.1f} tok/s "
+                      f"x{rows[-1]['speedup_vs_batch_1']:.2f} agree {rows[-1]['accuracy']:.3f}", file=sys.stderr)
+        for r in rows:
+            r["speedup_vs_naive"] = None
+        keep("batch", rows)
     results["methods"] = all_rows
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_result("sampling", settings, results)

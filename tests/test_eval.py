@@ -191,7 +191,9 @@ def test_eval_bad_input(model_dir, tmp_path, capsys):
     empty.write_text("\n\n")
     assert main(["eval", "ppl", "--model", str(model_dir), "--data", str(empty), "--split", "all"]) == 2
     assert "is empty" in capsys.readouterr().err
-    assert main(["eval", "nope"]) == 2 and "unknown command 'eval nope'" in capsys.readouterr().err
+    assert main(["eval", "nope"]) == 2 and "unknown eval command 'nope'; choose from ppl, choice" in capsys.readouterr().err
+    assert main(["eval"]) == 2 and "eval needs a command" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0 and "eval reversal" in capsys.readouterr().out
 
 
 def test_eval_ppl_command(model_dir, ar_model_dir, capsys):

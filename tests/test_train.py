@@ -379,6 +379,9 @@ def test_final_can_hold_the_best_validation_checkpoint(corpus, tmp_path):
     assert best_step < 12, vals  # the setting overfits, so best and last differ
     note = json.loads((final / "remask_training.json").read_text())
     assert (note["step"], note["val_loss"], note["kept"]) == (best_step, best_val, "best")
+    from remask.app.demo import kept_message
+
+    assert f"step {best_step} of 12: the lowest validation bound, {best_val:.3f}" in kept_message(final)
     # final/ holds exactly the weights that gave the best validation loss: re-validate them.
     from remask.train.loop import validation_fn
     from remask.train.pretrain import setup

@@ -135,6 +135,15 @@ def run(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name == "eval" and rest and not rest[0].startswith("-"):  # two-word commands: `eval ppl`, ...
         name, rest = f"eval {rest[0]}", rest[1:]
+    if name not in COMMANDS and name.split()[0] == "eval":
+        kinds = [c.split()[1] for c in COMMANDS if c.startswith("eval ")]
+        if name == "eval" and rest and rest[0] in ("-h", "--help"):
+            print("usage: remask eval {" + ",".join(kinds) + "} [options]\n\n" + "\n".join(
+                line for line in usage(COMMANDS).splitlines() if line.strip().startswith("eval ")))
+            return 0
+        what = f"unknown eval command {name.split(maxsplit=1)[1]!r}" if " " in name else "eval needs a command"
+        print(f"error: {what}; choose from {', '.join(kinds)} (remask eval ppl --help, ...)", file=sys.stderr)
+        return 2
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ two CPU cores), then let it write poems, showing the denoising as it happens."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ DEMO_TRAINING = PretrainConfig(
     model=ModelSection(preset="demo"),
     data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128),
     optim=OptimConfig(batch_size=16, max_steps=1200, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
-    run=RunConfig(out=Path("runs/demo"), val_every=250, save_every=250, log_every=25, seed=0),
+    run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=250, log_every=25, seed=0, final="best"),
 )
 DEMO_SAMPLING = SamplerConfig(gen_length=96, steps=96, block_length=16, temperature=0.5,
                               remasking="low_confidence")
@@ -52,11 +53,27 @@ def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: i
             f"{cfg.optim.max_steps} steps of {cfg.optim.batch_size}x{cfg.data.seq_len} characters).")
         say("An interrupted run resumes from its last checkpoint when you run the demo again.\n")
         pretrain(cfg)
+    say(kept_message(final))
     show_samples(final, samples, seed)
     say(f"\nThe model is in {final}. Try:\n"
         f"  remask generate --model {final} --prompt '《春晓》' --show\n"
         f"  remask info {final}")
     return final
+
+
+def kept_message(final: Path) -> str:
+    """Which training step final/ holds (the best validation bound, not the overfit last step)."""
+    from remask.train.loop import TRAINING_NOTE
+
+    try:
+        note = json.loads((final / TRAINING_NOTE).read_text(encoding="utf-8"))
+        step, val, last = note["step"], note.get("val_loss"), note.get("max_steps")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"Using the model in {final}."
+    if val is None:
+        return f"Using the model of step {step} (the last step)."
+    return (f"Using the model of step {step} of {last}: the lowest validation bound, "
+            f"{val:.3f} nats/token (later steps fit the training poems more but new text less).")
 
 
 def show_samples(model_dir: Path, samples: int, seed: int) -> None:
