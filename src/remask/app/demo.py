@@ -17,8 +17,8 @@ DEMO_TRAINING = PretrainConfig(
     objective="mdm",
     model=ModelSection(preset="demo"),
     data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128),
-    optim=OptimConfig(batch_size=16, max_steps=1200, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
-    run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=250, log_every=25, seed=0, final="best"),
+    optim=OptimConfig(batch_size=16, max_steps=800, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
+    run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=200, log_every=25, seed=0, final="best"),
 )
 DEMO_SAMPLING = SamplerConfig(gen_length=96, steps=96, block_length=16, temperature=0.5,
                               remasking="low_confidence")

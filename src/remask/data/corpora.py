@@ -25,14 +25,16 @@ import sys
 import tarfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from remask.atomic import atomic_dir, check_writable_dir
 from remask.errors import RemaskError
 from remask.tokenizer import check_text, decode_utf8
 
+T = TypeVar("T")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTINS = ("tang300", "shakespeare", "kjv")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -99,6 +101,18 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise RemaskError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def parse_jsonl_file(path: str | Path, what: str, parse: Callable[[object, str], T]) -> list[T]:
+    """`parse(record, "file:line")` for every record of a JSONL file that must exist and hold at
+    least one; `what` names the file in errors ("task file", "SFT data", ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RemaskError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    records = [parse(record, f"{path}:{n}") for n, record in read_jsonl(path)]
+    if not records:
+        raise RemaskError(f"{what} {path} holds no records")
+    return records
 
 
 def documents_from_jsonl(path: Path) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from remask.data.corpora import read_jsonl
+from remask.data.corpora import parse_jsonl_file
 from remask.data.packing import Stream, step_seed
 from remask.errors import RemaskError
 from remask.tokenizer import check_text
@@ -41,13 +41,7 @@ def parse_record(record: object, where: str) -> list[dict]:
 
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Dialogues from JSONL; a bad line is a one-line error naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RemaskError(f"SFT data {path} does not exist" if not path.exists() else f"SFT data {path} is not a file")
-    conversations = [parse_record(record, f"{path}:{n}") for n, record in read_jsonl(path)]
-    if not conversations:
-        raise RemaskError(f"SFT data {path} is empty")
-    return conversations
+    return parse_jsonl_file(path, "SFT data", parse_record)
 
 
 def conversation_examples(messages: list[dict], tokenizer) -> list[SFTExample]:

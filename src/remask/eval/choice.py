@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from remask.data.corpora import read_jsonl
+from remask.data.corpora import parse_jsonl_file
 from remask.errors import RemaskError
 from remask.eval.scoring import Score, Scorer, wilson_interval
 from remask.tokenizer import Tokenizer, check_text
@@ -56,13 +56,7 @@ def parse_item(record: object, where: str) -> ChoiceItem:
 
 
 def load_task(path: str | Path) -> list[ChoiceItem]:
-    path = Path(path)
-    if not path.is_file():
-        raise RemaskError(f"task file {path} does not exist" if not path.exists() else f"task file {path} is not a file")
-    items = [parse_item(record, f"{path}:{n}") for n, record in read_jsonl(path)]
-    if not items:
-        raise RemaskError(f"task file {path} holds no items")
-    return items
+    return parse_jsonl_file(path, "task file", parse_item)
 
 
 def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

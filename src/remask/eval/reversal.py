@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from remask.app.pipeline import Pipeline
-from remask.data.corpora import Poem, read_jsonl
+from remask.data.corpora import Poem, parse_jsonl_file
 from remask.data.facts import capitals
 from remask.errors import RemaskError
 from remask.sampling import SamplerConfig, fill_masks
@@ -118,18 +118,13 @@ def capital_set(pairs: Sequence[tuple[str, str]] | None = None) -> ReversalSet:
 
 def load_holdout(path: str | Path) -> list[tuple[str, str]]:
     """Pairs from JSONL lines {"first": str, "second": str}."""
-    path = Path(path)
-    if not path.is_file():
-        raise RemaskError(f"holdout file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    out = []
-    for n, record in read_jsonl(path):
-        ok = isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k] for k in ("first", "second"))
-        if not ok:
-            raise RemaskError(f"{path}:{n}: each line must be {{\"first\": str, \"second\": str}} (non-empty)")
-        out.append((check_text(record["first"], f"{path}:{n}: 'first'"), check_text(record["second"], f"{path}:{n}: 'second'")))
-    if not out:
-        raise RemaskError(f"holdout file {path} holds no pairs")
-    return out
+
+    def parse(record: object, where: str) -> tuple[str, str]:
+        if not (isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k] for k in ("first", "second"))):
+            raise RemaskError(f"{where}: each line must be {{\"first\": str, \"second\": str}} (non-empty)")
+        return check_text(record["first"], f"{where}: 'first'"), check_text(record["second"], f"{where}: 'second'")
+
+    return parse_jsonl_file(path, "holdout file", parse)
 
 
 def split(data: ReversalSet, *, test_fraction: float, seed: int,
