@@ -60,15 +60,12 @@ def ar_nll_per_char(ar: Pipeline, prompt: str, answer: str) -> float:
 
 
 def sample_all(pipe: Pipeline, ar: Pipeline, sampler: SamplerConfig, seeds: int) -> list[dict]:
-    out = []
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        for s in range(seeds):
-            seed = i + s * len(DEMO_PROMPTS)  # the demo's own seeds (i) first
-            g = pipe.generate(prompt, sampler, seed=seed)
-            out.append({"prompt": prompt, "seed": seed, "text": g.text, "distinct_ratio": distinct_ratio(g.text),
-                        "ended": g.ended, "runs_past": runs_past(g.text, g.ended),
-                        "ar_nll": ar_nll_per_char(ar, prompt, g.text)})
-    return out
+    """Every demo prompt with `seeds` seeds (the demo's own, prompt i with seed i, first), as one batch."""
+    runs = [(prompt, i + s * len(DEMO_PROMPTS)) for s in range(seeds) for i, prompt in enumerate(DEMO_PROMPTS)]
+    answers = pipe.generate_many([p for p, _ in runs], sampler, [seed for _, seed in runs])
+    return [{"prompt": prompt, "seed": seed, "text": g.text, "distinct_ratio": distinct_ratio(g.text),
+             "ended": g.ended, "runs_past": runs_past(g.text, g.ended), "ar_nll": ar_nll_per_char(ar, prompt, g.text)}
+            for (prompt, seed), g in zip(runs, answers)]
 
 
 def summary(samples: list[dict]) -> dict:
@@ -89,6 +86,8 @@ def grid_settings(base: SamplerConfig) -> list[SamplerConfig]:
     out = []
     for remasking, temperature, block in itertools.product(("low_confidence", "random"), (0.0, 0.5, 0.7, 1.0),
                                                            (4, 16, 96)):
+        if remasking == "random" and temperature == 0.0:
+            continue  # greedy tokens in a random order: the low-confidence rows' tokens without their order
         out.append(base.replace(remasking=remasking, temperature=temperature, block_length=block))
     out += [base.replace(steps=base.gen_length // 2), base.replace(steps=base.gen_length // 2, block_length=8)]
     return out
@@ -116,15 +115,23 @@ def main() -> None:
         rows = []
         for sampler in grid_settings(DEMO_SAMPLING):
             s = summary(sample_all(pipe, ar, sampler, args.seeds))
-            rows.append({"sampler": {k: sampler.to_dict()[k] for k in
-                                     ("remasking", "temperature", "block_length", "steps")}, **s,
+            name = f"{sampler.remasking} T={sampler.temperature} block={sampler.block_length} steps={sampler.steps}"
+            rows.append({"name": name, "sampler": {k: sampler.to_dict()[k] for k in
+                                                   ("remasking", "temperature", "block_length", "steps")}, **s,
                          "meets_targets": meets_targets(s)})
-            print(f"{rows[-1]['sampler']} past {s['runs_past']:.2f} ended {s['ended']:.2f} distinct "
+            print(f"{name:<45} past {s['runs_past']:.2f} ended {s['ended']:.2f} distinct "
                   f"{s['distinct_ratio_mean']:.3f} (min {s['distinct_ratio_min']:.3f}) ar_nll {s['ar_nll_mean']:.3f}",
                   file=sys.stderr)
         results["grid"] = rows
+    import yaml
+
+    def recipe(model: Path) -> dict | None:  # the training config of a run's final/ (RUN/config.yaml)
+        path = model.parent / "config.yaml"
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     settings = {"model": str(args.model), "ar": str(args.ar), "seeds": args.seeds,
-                "target_distinct_ratio": TARGET_DISTINCT}
+                "target_distinct_ratio": TARGET_DISTINCT, "model_recipe": recipe(args.model),
+                "ar_recipe": recipe(args.ar)}
     write_result("demo", settings, results, out=args.out)
 
 

@@ -31,11 +31,12 @@ def flatten(value, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
     if isinstance(value, list):
         if len(value) <= 6 and all(not isinstance(v, dict | list) for v in value):
             return [(prefix, ", ".join(show(v) for v in value))]
-        if all(isinstance(v, dict) for v in value) and len(value) <= 40:
+        if all(isinstance(v, dict) for v in value) and len(value) <= 80:
             rows = []
             for i, v in enumerate(value):
                 label = v.get("value", v.get("method", v.get("name", i)))
-                rows += flatten({k: x for k, x in v.items() if k not in ("value", "method", "name")},
+                label = f"{v['task']}/{label}" if "task" in v else label
+                rows += flatten({k: x for k, x in v.items() if k not in ("value", "method", "name", "task", "sampler")},
                                 f"{prefix}[{label}]", depth + 1)
             return rows
         return [(prefix, f"({len(value)} entries, see the JSON)")]

@@ -230,3 +230,13 @@ def test_chat_commands_change_settings_and_ctrl_c_stops_only_the_answer(model_di
     terminal_chat(session, stdin=io.BytesIO("白日\n春眠\n\n".encode()), stdout=out, stderr=err)
     assert calls == ["白日", "春眠"] and "(stopped" in err.getvalue()
     assert session.history[:2] == history and session.history[2]["content"] == "春眠"
+
+
+def test_generate_many_equals_one_at_a_time(model_dir):
+    pipe = Pipeline.load(model_dir)
+    sampler = SamplerConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, remasking="random")
+    prompts, seeds = ["白日", "床前明月", "白日"], [3, 4, 5]
+    together = pipe.generate_many(prompts, sampler, seeds)
+    alone = [pipe.generate(p, sampler, seed=s) for p, s in zip(prompts, seeds)]
+    assert [(g.ids, g.text, g.ended) for g in together] == [(g.ids, g.text, g.ended) for g in alone]
+    assert together[0].ids != together[2].ids  # same prompt, own seed

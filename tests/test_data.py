@@ -10,7 +10,15 @@ import torch
 
 from remask.data import tokenize as tokmod
 from remask.data.corpora import parse_fortune_poems, read_corpus, tang300_poems
-from remask.data.packing import PackedBatches, Stream, short_length, step_generator
+from remask.data.packing import (
+    PackedBatches,
+    Stream,
+    chunk_rows,
+    document_rows,
+    short_length,
+    step_generator,
+    training_rows,
+)
 from remask.data.sft import SFTBatches, build_sft_examples, conversation_examples, load_conversations, sft_batch
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.errors import RemaskError
@@ -92,16 +100,32 @@ def test_tokenizer_cache(tmp_path):
 
 def test_packed_batches_visit_every_chunk_once_per_epoch():
     tokens = np.arange(10 * 8, dtype=np.uint16)
-    packed = PackedBatches(tokens, seq_len=8, batch_size=5, seed=3)
+    packed = PackedBatches(chunk_rows(tokens, 8), batch_size=5, seed=3)
     epoch0 = torch.cat([packed.batch(0), packed.batch(1)])
     assert sorted(epoch0[:, 0].tolist()) == [8 * c for c in range(10)]
     assert torch.equal(epoch0[0], torch.arange(int(epoch0[0, 0]), int(epoch0[0, 0]) + 8))
-    assert torch.equal(PackedBatches(tokens, 8, 5, seed=3).batch(7), packed.batch(7))  # order-independent
-    assert not torch.equal(PackedBatches(tokens, 8, 5, seed=4).batch(0), packed.batch(0))
+    assert torch.equal(PackedBatches(chunk_rows(tokens, 8), 5, seed=3).batch(7), packed.batch(7))  # order-independent
+    assert not torch.equal(PackedBatches(chunk_rows(tokens, 8), 5, seed=4).batch(0), packed.batch(0))
     epoch1 = torch.cat([packed.batch(2), packed.batch(3)])
     assert sorted(epoch1[:, 0].tolist()) == sorted(epoch0[:, 0].tolist()) and not torch.equal(epoch0, epoch1)
     with pytest.raises(RemaskError, match="fewer than one sequence"):
-        PackedBatches(tokens[:7], 8, 1, seed=0)
+        chunk_rows(tokens[:7], 8)
+
+
+def test_document_rows_pad_each_document_with_eos():
+    bos, eos = 1, 2
+    docs = [[5, 6, 7], list(range(10, 20)), [30]]  # the second is longer than one sequence
+    tokens = np.array([t for d in docs for t in [bos, *d, eos]], dtype=np.uint16)
+    rows = document_rows(tokens, 8, bos_id=bos, eos_id=eos)
+    expected = [[1, 5, 6, 7, 2, 2, 2, 2],
+                [1, 10, 11, 12, 13, 14, 15, 16], [17, 18, 19, 2, 2, 2, 2, 2],
+                [1, 30, 2, 2, 2, 2, 2, 2]]
+    assert rows.tolist() == expected
+    packed = PackedBatches(rows, batch_size=2, seed=0)  # an epoch visits every row once
+    assert sorted(map(tuple, torch.cat([packed.batch(0), packed.batch(1)]).tolist())) == sorted(map(tuple, expected))
+    assert training_rows(tokens, 8, "concat", bos_id=bos, eos_id=eos).tolist() == [tokens[:8].tolist(), tokens[8:16].tolist()]
+    with pytest.raises(RemaskError, match="BOS and EOS"):
+        training_rows(tokens, 8, "pad", bos_id=None, eos_id=eos)
 
 
 def test_short_length_hits_one_percent():

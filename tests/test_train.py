@@ -382,6 +382,9 @@ def test_final_can_hold_the_best_validation_checkpoint(corpus, tmp_path):
     from remask.app.demo import kept_message
 
     assert f"step {best_step} of 12: the lowest validation bound, {best_val:.3f}" in kept_message(final)
+    (tmp_path / "note").mkdir()
+    (tmp_path / "note" / "remask_training.json").write_text('{"step": 5, "val_loss": 1.25, "max_steps": 5}')
+    assert "the last step, 5: it has the lowest validation bound, 1.250" in kept_message(tmp_path / "note")
     # final/ holds exactly the weights that gave the best validation loss: re-validate them.
     from remask.train.loop import validation_fn
     from remask.train.pretrain import setup

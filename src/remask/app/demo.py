@@ -16,7 +16,7 @@ from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainC
 DEMO_TRAINING = PretrainConfig(
     objective="mdm",
     model=ModelSection(preset="demo"),
-    data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128),
+    data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128, packing="pad"),
     optim=OptimConfig(batch_size=16, max_steps=800, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
     run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=200, log_every=25, seed=0, final="best"),
 )
@@ -72,6 +72,8 @@ def kept_message(final: Path) -> str:
         return f"Using the model in {final}."
     if val is None:
         return f"Using the model of step {step} (the last step)."
+    if step == last:
+        return f"Using the model of the last step, {step}: it has the lowest validation bound, {val:.3f} nats/token."
     return (f"Using the model of step {step} of {last}: the lowest validation bound, "
             f"{val:.3f} nats/token (later steps fit the training poems more but new text less).")
 

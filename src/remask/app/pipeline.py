@@ -21,7 +21,7 @@ from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError
 from remask.model import Transformer
 from remask.sampling import SamplerConfig, StepInfo
-from remask.sampling.fast import generate_fast
+from remask.sampling.fast import Engine, generate_fast
 from remask.tokenizer import Tokenizer
 
 
@@ -83,14 +83,34 @@ class Pipeline:
         denoising step."""
         return self.generate_ids(self.encode_prompt(prompt, chat=chat), sampler, seed=seed, on_step=on_step)
 
+    def generate_many(self, prompts: list[str], sampler: SamplerConfig, seeds: list[int]) -> list[Generation]:
+        """One answer per (prompt, seed), denoised together as one batch; each equals
+        `generate(prompt, sampler, seed=seed)` (every row has its own generator)."""
+        if len(prompts) != len(seeds):
+            raise RemaskError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
+                        eos_ids=self.stop_ids())
+        rows = []
+        for prompt, seed in zip(prompts, seeds):
+            ids = self.encode_prompt(prompt)
+            self.check_length(len(ids), sampler)
+            generator = torch.Generator(device=self.device).manual_seed(check_seed(seed))
+            rows.append(engine.add(ids, sampler, generator=generator))
+        with torch.no_grad():
+            engine.run()
+        return [self.answer(row.seq[row.prompt_len:].tolist(), row.reveal_step[row.prompt_len:].tolist()) for row in rows]
+
+    def check_length(self, prompt_len: int, sampler: SamplerConfig) -> None:
+        limit = self.model.config.max_sequence_length
+        if prompt_len + sampler.gen_length > limit:
+            raise RemaskError(f"prompt ({prompt_len} tokens) + gen_length ({sampler.gen_length}) exceeds the "
+                              f"model's context of {limit} tokens")
+
     def generate_ids(self, prompt_ids: list[int], sampler: SamplerConfig, *, seed: int = 0,
                      on_step: Callable[[StepInfo], None] | None = None) -> Generation:
         """Sample an answer after already-encoded prompt ids."""
         check_seed(seed)
-        limit = self.model.config.max_sequence_length
-        if len(prompt_ids) + sampler.gen_length > limit:
-            raise RemaskError(f"prompt ({len(prompt_ids)} tokens) + gen_length ({sampler.gen_length}) exceeds the "
-                              f"model's context of {limit} tokens")
+        self.check_length(len(prompt_ids), sampler)
         last: list[StepInfo] = []
 
         def record(info: StepInfo) -> None:

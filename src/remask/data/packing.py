@@ -1,7 +1,10 @@
-"""Fixed-length packed batches, as a pure function of (seed, step).
+"""Fixed-length training sequences and their batches, as a pure function of (seed, step).
 
-The token stream (documents already separated by BOS/EOS) is cut into fixed chunks; each epoch
-visits every chunk once in an order drawn from (seed, epoch). Because a batch depends only on
+The token stream (documents already separated by BOS/EOS) becomes sequences of seq_len tokens in
+one of two ways: `concat` cuts the stream into fixed chunks (LLaDA's pretraining), `pad` gives
+each document its own sequences and fills the last one with end-of-text, so the model learns
+where a text ends (as LLaDA's SFT pads answers; MDLM pads its short-sentence corpus the same
+way). Each epoch visits every sequence once in an order drawn from (seed, epoch). Because a batch depends only on
 (seed, step), a resumed run's data position is its step, and every distributed rank can
 compute the global batch and take its own rows.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,18 +53,56 @@ def short_length(step: int, *, seed: int, seq_len: int, prob: float = 0.01) -> i
     return int(rng.integers(1, seq_len + 1))
 
 
-class PackedBatches:
-    """Batches of `batch_size` chunks of `seq_len` tokens, epoch by epoch."""
+Packing = Literal["concat", "pad"]
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *, seed: int) -> None:
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        if self.num_chunks < 1:
-            raise RemaskError(f"the corpus has {len(tokens)} training tokens, fewer than one sequence of {seq_len}")
+
+def chunk_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """(N, seq_len) view of the stream cut into whole chunks (the tail shorter than one is left out)."""
+    n = len(tokens) // seq_len
+    if n < 1:
+        raise RemaskError(f"the corpus has {len(tokens)} training tokens, fewer than one sequence of {seq_len}")
+    return tokens[:n * seq_len].reshape(n, seq_len)
+
+
+def document_rows(tokens: np.ndarray, seq_len: int, *, bos_id: int, eos_id: int) -> np.ndarray:
+    """(N, seq_len): each document (from one BOS to the next) cut into sequences, the last one
+    filled with `eos_id`."""
+    if len(tokens) == 0:
+        raise RemaskError("the corpus has no training tokens")
+    tokens = np.asarray(tokens)
+    starts = np.flatnonzero(tokens == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    rows = []
+    for a, b in zip(starts, [*starts[1:], len(tokens)]):
+        doc = tokens[a:b]
+        for c in range(0, len(doc), seq_len):
+            row = np.full(seq_len, eos_id, dtype=tokens.dtype)
+            piece = doc[c:c + seq_len]
+            row[:len(piece)] = piece
+            rows.append(row)
+    return np.stack(rows)
+
+
+def training_rows(tokens: np.ndarray, seq_len: int, packing: Packing, *, bos_id: int | None,
+                  eos_id: int | None) -> np.ndarray:
+    if packing == "concat":
+        return chunk_rows(tokens, seq_len)
+    if bos_id is None or eos_id is None:
+        raise RemaskError("packing 'pad' needs a tokenizer with BOS and EOS tokens")
+    return document_rows(tokens, seq_len, bos_id=bos_id, eos_id=eos_id)
+
+
+class PackedBatches:
+    """Batches of `batch_size` training sequences (rows of `rows`), epoch by epoch."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, *, seed: int) -> None:
+        self.rows, self.seq_len, self.batch_size, self.seed = rows, rows.shape[1], batch_size, seed
         self._orders: dict[int, np.ndarray] = {}
 
     @property
     def num_chunks(self) -> int:
-        return len(self.tokens) // self.seq_len
+        return len(self.rows)
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -75,9 +117,7 @@ class PackedBatches:
 
     def batch(self, step: int) -> torch.Tensor:
         """(batch_size, seq_len) int64: rows step*B .. step*B+B-1 of the epoch orders."""
-        S = self.seq_len
-        rows = [np.asarray(self.tokens[c * S:(c + 1) * S], dtype=np.int64) for c in self.chunk_ids(step)]
-        return torch.from_numpy(np.stack(rows))
+        return torch.from_numpy(np.stack([np.asarray(self.rows[c], dtype=np.int64) for c in self.chunk_ids(step)]))
 
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.num_chunks

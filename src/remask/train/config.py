@@ -98,6 +98,9 @@ class CorpusData(ConfigBase):
     """Fraction of documents held out for validation."""
     short_batch_prob: float = setting(0.01, ge=0, le=1)
     """Fraction of batches cut to a random shorter length (LLaDA section 2.3: 1%)."""
+    packing: Literal["concat", "pad"] = "concat"
+    """concat: documents joined and cut into seq_len chunks (LLaDA); pad: each document its own
+    sequences, the last filled with end-of-text, so the model learns where a text ends."""
 
 
 @dataclass(frozen=True)

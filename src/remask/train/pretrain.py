@@ -10,7 +10,7 @@ import torch
 
 from remask.checkpoint import load_config
 from remask.data.corpora import read_corpus
-from remask.data.packing import PackedBatches, short_length
+from remask.data.packing import PackedBatches, Packing, short_length, training_rows
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.errors import RemaskError
 from remask.tokenizer import Tokenizer
@@ -33,14 +33,16 @@ def run_tokenizer(cfg: PretrainConfig, docs: list[str]) -> Tokenizer:
     return corpus_tokenizer(cfg.data.source, docs, kind=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size)
 
 
-def validation_rows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
-    """Up to `count` held-out sequences, evenly spaced over the validation stream: (N, S)."""
+def validation_rows(tokens: np.ndarray, seq_len: int, count: int, packing: Packing = "concat", *,
+                    bos_id: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+    """Up to `count` held-out sequences, evenly spaced over the validation split, cut as training
+    cuts its own: (N, S)."""
     S = min(seq_len, len(tokens))
     if S < 2:
         raise RemaskError("the validation split has fewer than 2 tokens; use a larger corpus or val_fraction")
-    n_chunks = len(tokens) // S
-    picks = np.linspace(0, n_chunks - 1, num=min(count, n_chunks)).round().astype(np.int64)
-    return torch.from_numpy(np.stack([np.asarray(tokens[i * S:(i + 1) * S], dtype=np.int64) for i in picks]))
+    rows = training_rows(tokens, S, packing, bos_id=bos_id, eos_id=eos_id)
+    picks = np.linspace(0, len(rows) - 1, num=min(count, len(rows))).round().astype(np.int64)
+    return torch.from_numpy(np.asarray(rows[picks], dtype=np.int64))
 
 
 def setup(cfg: PretrainConfig) -> TrainJob:
@@ -57,14 +59,16 @@ def setup(cfg: PretrainConfig) -> TrainJob:
     model = build_run_model(architecture, cfg.model.init_from, cfg.objective, seq_len=cfg.data.seq_len,
                             seed=cfg.run.seed, device=info.device)
     split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
-    packed = PackedBatches(splits.train, cfg.data.seq_len, cfg.optim.batch_size, seed=cfg.run.seed)
+    ends = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    packed = PackedBatches(training_rows(splits.train, cfg.data.seq_len, cfg.data.packing, **ends),
+                           cfg.optim.batch_size, seed=cfg.run.seed)
 
     def batch_fn(step: int) -> TextBatch:
         length = short_length(step, seed=cfg.run.seed, seq_len=cfg.data.seq_len, prob=cfg.data.short_batch_prob)
         return TextBatch(packed.batch(step)[:, :length])  # 1% of batches are shorter (section 2.3)
 
     micro = micro_batch_size(cfg.optim.micro_batch_size, cfg.optim.batch_size, info)
-    rows = validation_rows(splits.val, cfg.data.seq_len, cfg.run.val_batches * micro)
+    rows = validation_rows(splits.val, cfg.data.seq_len, cfg.run.val_batches * micro, cfg.data.packing, **ends)
     val_batches = [TextBatch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     describe = f"{cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
     return TrainJob("pretrain", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer,
