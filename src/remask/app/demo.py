@@ -18,10 +18,12 @@ DEMO_TRAINING = PretrainConfig(
     model=ModelSection(preset="demo"),
     data=CorpusData(source="builtin:tang300", tokenizer="char", seq_len=128, packing="pad"),
     optim=OptimConfig(batch_size=16, max_steps=800, lr=2e-3, warmup_steps=100, decay_fraction=0.3),
-    run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=200, log_every=25, seed=0, final="best"),
+    run=RunConfig(out=Path("runs/demo"), val_every=100, save_every=200, log_every=25, seed=0, final="last"),
 )
-DEMO_SAMPLING = SamplerConfig(gen_length=96, steps=96, block_length=16, temperature=0.5,
-                              remasking="low_confidence")
+# Chosen by benchmarks/demo.py (results/demo.json, demo_sampler_grid.json): random remasking over the
+# whole answer lets the end-of-text that EOS-padded training puts after a poem be revealed early, so
+# answers end where the poem does; temperature 0.7 keeps low-confidence remasking's repetition away.
+DEMO_SAMPLING = SamplerConfig(gen_length=96, steps=96, block_length=None, temperature=0.7, remasking="random")
 # New titles in the corpus's style, each with a poet of the collection.
 DEMO_PROMPTS = ["《春夜思故人》\n作者：李白\n", "《秋日登高》\n作者：杜甫\n", "《山中送别》\n作者：王维\n",
                 "《江上月夜》\n作者：孟浩然\n", "《边塞行》\n作者：王昌龄\n"]
@@ -62,7 +64,7 @@ def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: i
 
 
 def kept_message(final: Path) -> str:
-    """Which training step final/ holds (the best validation bound, not the overfit last step)."""
+    """Which training step final/ holds (run.final: the last step, or the best validation bound)."""
     from remask.train.loop import TRAINING_NOTE
 
     try:
@@ -87,7 +89,9 @@ def show_samples(model_dir: Path, samples: int, seed: int) -> None:
     for i, prompt in enumerate(DEMO_PROMPTS[:samples]):
         view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler)
         if i == 0:
+            order = ("anywhere in the poem" if sampler.block_length is None
+                     else f"{sampler.block_length} positions at a time from left to right")
             print(f"\nEach poem starts as {sampler.gen_length} masks and is revealed over at most {sampler.steps} steps, "
-                  f"{sampler.block_length} positions at a time from left to right.\n{view.legend()}")
+                  f"{order}; it ends where the model puts an end-of-text.\n{view.legend()}")
         print(f"\n\x1b[1m{prompt.rstrip()}\x1b[0m" if view.colour else f"\n{prompt.rstrip()}")
         pipe.generate(prompt, sampler, seed=seed + i, on_step=view)
