@@ -48,6 +48,18 @@ def device_name(device: str = "cpu") -> str:
     return f"cpu: {_cpu_model()} ({cores} cores)"
 
 
+def nll_per_char(pipe, requests: list[tuple[list[int], list[int]]]) -> list[float]:
+    """-log p(continuation | context) per character of the continuation's text (end-of-text ids
+    scored but not counted as characters), for each (context ids, continuation ids) request: the
+    AR twin's exact value through the project's Scorer."""
+    from remask.eval.scoring import Scorer
+
+    scores = Scorer(pipe.model, mask_id=pipe.tokenizer.mask_id, bos_id=pipe.tokenizer.bos_id).score(requests)
+    stops = set(pipe.stop_ids())
+    return [-s.log_likelihood / max(1, len(pipe.tokenizer.decode([t for t in cont if t not in stops])))
+            for s, (_, cont) in zip(scores, requests)]
+
+
 def write_result(name: str, settings: dict[str, Any], results: dict[str, Any], out: Path | None = None,
                  device: str = "cpu") -> Path:
     """Write the result JSON atomically (temp file, fsync, rename), print it, return its path."""

@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 
 import torch
-from _common import write_result
+from _common import nll_per_char, write_result
 
 from remask.app.demo import DEMO_PROMPTS, DEMO_SAMPLING
 from remask.app.pipeline import Pipeline
@@ -49,23 +49,16 @@ def runs_past(text: str, ended: bool) -> bool:
     return not ended or "《" in text or "作者" in text
 
 
-@torch.no_grad()
-def ar_nll_per_char(ar: Pipeline, prompt: str, answer: str) -> float:
-    """-log p(answer + end-of-text | prompt) under the AR twin, per character of the answer."""
-    context = ar.encode_prompt(prompt)
-    target = ar.tokenizer.encode(answer) + [ar.tokenizer.eos_id]
-    seq = torch.tensor([context + target])
-    logp = torch.log_softmax(ar.model_fn(seq, None)[0, len(context) - 1:-1].double(), -1)
-    return -logp.gather(-1, torch.tensor(target)[:, None]).sum().item() / max(1, len(answer))
-
-
 def sample_all(pipe: Pipeline, ar: Pipeline, sampler: SamplerConfig, seeds: int) -> list[dict]:
     """Every demo prompt with `seeds` seeds (the demo's own, prompt i with seed i, first), as one batch."""
     runs = [(prompt, i + s * len(DEMO_PROMPTS)) for s in range(seeds) for i, prompt in enumerate(DEMO_PROMPTS)]
     answers = pipe.generate_many([p for p, _ in runs], sampler, [seed for _, seed in runs])
+    # The AR twin scores each answer and its end-of-text: -log p(answer + EOS | prompt) per character.
+    nll = nll_per_char(ar, [(ar.encode_prompt(p), ar.tokenizer.encode(g.text) + [ar.tokenizer.eos_id])
+                            for (p, _), g in zip(runs, answers)])
     return [{"prompt": prompt, "seed": seed, "text": g.text, "distinct_ratio": distinct_ratio(g.text),
-             "ended": g.ended, "runs_past": runs_past(g.text, g.ended), "ar_nll": ar_nll_per_char(ar, prompt, g.text)}
-            for (prompt, seed), g in zip(runs, answers)]
+             "ended": g.ended, "runs_past": runs_past(g.text, g.ended), "ar_nll": value}
+            for (prompt, seed), g, value in zip(runs, answers, nll)]
 
 
 def summary(samples: list[dict]) -> dict:

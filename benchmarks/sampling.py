@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, nll_per_char, write_result
 
 from remask.app.pipeline import Pipeline
 from remask.data.corpora import tang300_poems
@@ -117,17 +117,6 @@ def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[
 def char_accuracy(produced: str, truth: str) -> float:
     """Fraction of the true text's characters reproduced at their position."""
     return sum(a == b for a, b in zip(produced, truth)) / max(1, len(truth))
-
-
-@torch.no_grad()
-def ar_nll_per_char(ar: Pipeline, prompt: list[int], answer: list[int]) -> float:
-    """-log p(answer | prompt) per character under the AR twin (same tokenizer as the diffusion model)."""
-    text = ar.tokenizer.decode(answer)
-    if not answer or not text:
-        return float("nan")
-    seq = torch.tensor([prompt + answer])
-    logp = torch.log_softmax(ar.model_fn(seq, None)[0, len(prompt) - 1:-1].double(), -1)
-    return -logp.gather(-1, torch.tensor(answer)[:, None]).sum().item() / len(text)
 
 
 def corpus_documents(run_dir: Path) -> list[str]:
@@ -257,7 +246,7 @@ def main() -> None:
         def score_free(answers, ref):
             agree = [sum(a == b for a, b in zip(x, r)) / max(1, len(r)) for x, r in zip(answers, ref or answers)]
             return {"accuracy": statistics.fmean(agree),
-                    "ar_nll_per_char": statistics.fmean(ar_nll_per_char(ar, p, a) for p, a in zip(free, answers))}
+                    "ar_nll_per_char": statistics.fmean(nll_per_char(ar, [(p, a) for p, a in zip(free, answers) if a]))}
 
         keep("free", evaluate("free", free, score_free, methods(L, block), pipe, ar, L))
     prompts, truths = memorised_prompts(pipe, docs, args.prompts, args.context, L)
