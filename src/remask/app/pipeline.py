@@ -21,7 +21,7 @@ from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError
 from remask.model import Transformer
 from remask.sampling import SamplerConfig, StepInfo
-from remask.sampling.fast import Engine, generate_fast
+from remask.sampling.fast import Engine
 from remask.tokenizer import Tokenizer
 
 
@@ -88,38 +88,27 @@ class Pipeline:
         `generate(prompt, sampler, seed=seed)` (every row has its own generator)."""
         if len(prompts) != len(seeds):
             raise RemaskError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
-                        eos_ids=self.stop_ids())
-        rows = []
-        for prompt, seed in zip(prompts, seeds):
-            ids = self.encode_prompt(prompt)
-            self.check_length(len(ids), sampler)
-            generator = torch.Generator(device=self.device).manual_seed(check_seed(seed))
-            rows.append(engine.add(ids, sampler, generator=generator))
-        with torch.no_grad():
-            engine.run()
-        return [self.answer(row.seq[row.prompt_len:].tolist(), row.reveal_step[row.prompt_len:].tolist()) for row in rows]
-
-    def check_length(self, prompt_len: int, sampler: SamplerConfig) -> None:
-        limit = self.model.config.max_sequence_length
-        if prompt_len + sampler.gen_length > limit:
-            raise RemaskError(f"prompt ({prompt_len} tokens) + gen_length ({sampler.gen_length}) exceeds the "
-                              f"model's context of {limit} tokens")
+        return self._denoise([self.encode_prompt(p) for p in prompts], sampler, seeds)
 
     def generate_ids(self, prompt_ids: list[int], sampler: SamplerConfig, *, seed: int = 0,
                      on_step: Callable[[StepInfo], None] | None = None) -> Generation:
         """Sample an answer after already-encoded prompt ids."""
-        check_seed(seed)
-        self.check_length(len(prompt_ids), sampler)
-        last: list[StepInfo] = []
+        return self._denoise([prompt_ids], sampler, [seed], on_step)[0]
 
-        def record(info: StepInfo) -> None:
-            last[:] = [info]
-            if on_step is not None:
-                on_step(info)
-
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        generate_fast(self.model, torch.tensor([prompt_ids], device=self.device), sampler,
-                      mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size, eos_ids=self.stop_ids(),
-                      generator=generator, on_step=record)
-        return self.answer(*last[0].answer(0))
+    def _denoise(self, prompts: list[list[int]], sampler: SamplerConfig, seeds: list[int],
+                 on_step: Callable[[StepInfo], None] | None = None) -> list[Generation]:
+        """The fast sampler's engine, a row (with its own generator) per prompt."""
+        engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
+                        eos_ids=self.stop_ids())
+        limit = self.model.config.max_sequence_length
+        rows = []
+        for ids, seed in zip(prompts, seeds):
+            check_seed(seed)
+            if len(ids) + sampler.gen_length > limit:
+                raise RemaskError(f"prompt ({len(ids)} tokens) + gen_length ({sampler.gen_length}) exceeds the "
+                                  f"model's context of {limit} tokens")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            rows.append(engine.add(ids, sampler, generator=generator, on_step=on_step))
+        with torch.no_grad():
+            engine.run()
+        return [self.answer(row.seq[row.prompt_len:].tolist(), row.reveal_step[row.prompt_len:].tolist()) for row in rows]
