@@ -183,13 +183,9 @@ def ablations(args, models: dict, poems: ReversalSet, test) -> dict:
 
 
 def plot_ablations(results: dict, path: Path) -> None:
-    import matplotlib
+    from remask.app.plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from remask.atomic import atomic_file
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5))
     for ax, (name, rows) in zip(axes, results.items()):
         labels = [str(r["value"]) for r in rows]
@@ -202,10 +198,7 @@ def plot_ablations(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (contains gold)")
     axes[0].legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def main() -> None:

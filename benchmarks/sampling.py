@@ -174,13 +174,9 @@ def add_speedups(rows: list[dict]) -> list[dict]:
 
 
 def plot_thresholds(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from remask.app.plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from remask.atomic import atomic_file
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for prefix, label in (("threshold_", "threshold, no cache"), ("dual_threshold_", "dual cache + threshold")):
         pts = [r for r in rows if r["method"].startswith(prefix)]
@@ -195,10 +191,7 @@ def plot_thresholds(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("character accuracy (memorised continuation)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -152,6 +152,8 @@ def test_denoising_view_colours_by_reveal_step(model_dir):
     a, b = tok.encode("床前")
     # Masked positions are None; the end-of-text and everything after it (revealed or not) show nothing.
     assert view.pieces([a, tok.mask_id, b, eos, tok.mask_id, a], [0, -1, 1, 2, -1, 3]) == ["床", None, "前", "", "", ""]
+    # An anchored end-of-text (given, never revealed: step -1) is not shown as a masked position.
+    assert view.pieces([a, tok.mask_id, eos], [0, -1, -1]) == ["床", None, ""]
 
 
 def test_pipeline_prompt_is_bos_then_text(model_dir):

@@ -48,6 +48,8 @@ LOSSLESS = [
     SamplerConfig(gen_length=16, steps=8, cfg_scale=1.0),
     SamplerConfig(gen_length=12, steps=12, block_length=6, eos="delay", stop_at_eos=False),
     SamplerConfig(gen_length=12, steps=12, block_length=6, eos="forbid"),
+    SamplerConfig(gen_length=12, steps=12, block_length=4, anchor_eos=True),
+    SamplerConfig(gen_length=6, steps=6, block_length=1, anchor_eos=True),  # the last block is the anchor alone
 ]
 
 

@@ -15,6 +15,7 @@ from remask.sampling import (
     StepInfo,
     answers_ended,
     block_slices,
+    fill_masks,
     generate,
     gumbel_argmax,
     num_transfer_tokens,
@@ -425,6 +426,47 @@ def test_generate_rejects_bad_inputs(prompt):
     generate(flat, bad, cfg, mask_id=MASK_ID, attention_mask=attention_mask)
     with pytest.raises(RemaskError, match="vocabulary"):
         generate(flat, prompt, cfg.replace(eos="forbid"), mask_id=MASK_ID, eos_ids=[VOCAB])
+
+
+# --- an answer anchored to end within the canvas ---------------------------------------------
+
+
+def test_anchor_eos_is_seen_from_the_first_step_and_ends_the_answer(prompt):
+    eos_id = PAD_ID - 1
+    seen = []
+    inner = eos_model(eos_id, [])  # never predicts an end-of-text itself
+
+    def model_fn(ids, attention_mask):
+        seen.append(ids.clone())
+        return inner(ids, attention_mask)
+
+    base = SamplerConfig(gen_length=8, steps=8, block_length=4)
+    steps = Steps()
+    out = generate(model_fn, prompt, base.replace(anchor_eos=True), mask_id=MASK_ID, eos_ids=[eos_id], on_step=steps)
+    assert (seen[0][:, -1] == eos_id).all() and (seen[0][:, P:-1] == MASK_ID).all()  # the first pass sees it
+    assert (out[:, -1] == eos_id).all() and not (out[:, P:-1] == eos_id).any()
+    assert (steps.reveal_step[:, -1] == -1).all()  # given, not revealed
+    assert answers_ended(out, P, torch.tensor([eos_id]), MASK_ID).all()
+    free = generate(inner, prompt, base, mask_id=MASK_ID, eos_ids=[eos_id])
+    assert not answers_ended(free, P, torch.tensor([eos_id]), MASK_ID).any()  # without it: cut at the limit
+
+
+def test_anchored_answer_is_the_infilling_of_a_canvas_ending_in_eos(model, prompt):
+    """Oracle: one block with the anchor is infilling prompt + masks + end-of-text (fill_masks)."""
+    eos_id = PAD_ID - 1
+    sampler = SamplerConfig(gen_length=10, steps=9, anchor_eos=True, stop_at_eos=False)
+    out = generate(fn(model), prompt, sampler, mask_id=MASK_ID, eos_ids=[eos_id])
+    canvas = torch.cat([prompt, torch.full((2, 9), MASK_ID), torch.full((2, 1), eos_id)], dim=1)
+    assert torch.equal(out, fill_masks(fn(model), canvas, sampler, mask_id=MASK_ID))
+
+
+def test_anchor_eos_needs_an_end_of_text(model, prompt):
+    with pytest.raises(RemaskError, match="anchor_eos needs an end-of-text"):
+        generate(fn(model), prompt, SamplerConfig(gen_length=4, steps=4, anchor_eos=True), mask_id=MASK_ID)
+    with pytest.raises(ConfigError, match="eos forbid"):
+        SamplerConfig(gen_length=4, steps=4, anchor_eos=True, eos="forbid")
+    with pytest.raises(ConfigError, match="gen_length >= 2"):
+        SamplerConfig(gen_length=1, steps=1, anchor_eos=True)
 
 
 # --- ending at the end-of-text ------------------------------------------------------------

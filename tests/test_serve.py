@@ -217,6 +217,16 @@ def test_batched_answers_equal_answers_served_alone(real):
     assert real.health()["completed"] >= 2 * len(prompts)
 
 
+def test_an_anchored_answer_ends_within_its_canvas(real):
+    """anchor_eos puts an end-of-text at the last of the 16 answer positions: the answer stops there."""
+    done = real.client().completions.create(model="tiny", prompt="床前", max_tokens=16, temperature=0,
+                                            extra_body={"anchor_eos": True})
+    assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens <= 15
+    bad = real.client().with_options(max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="anchor_eos"):
+        bad.completions.create(model="tiny", prompt="床前", max_tokens=16, extra_body={"anchor_eos": True, "eos": "forbid"})
+
+
 def test_full_queue_answers_503_with_retry_after(poem_tokenizer):
     slow = Pipeline(KnownAnswer(poem_tokenizer, "床前明月光，疑是地上霜。", delay=0.05), poem_tokenizer)
     server = LiveServer(create_app(slow, model_name="known", sampler=SAMPLER, max_batch=1, max_queue=1))

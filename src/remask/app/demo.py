@@ -91,7 +91,10 @@ def show_samples(model_dir: Path, samples: int, seed: int) -> None:
         if i == 0:
             order = ("anywhere in the poem" if sampler.block_length is None
                      else f"{sampler.block_length} positions at a time from left to right")
+            ending = ("the last of them is an end-of-text from the start, so the poem ends within them, "
+                      "where the model puts its own end-of-text" if sampler.anchor_eos
+                      else "it ends where the model puts an end-of-text")
             print(f"\nEach poem starts as {sampler.gen_length} masks and is revealed over at most {sampler.steps} steps, "
-                  f"{order}; it ends where the model puts an end-of-text.\n{view.legend()}")
+                  f"{order}; {ending}.\n{view.legend()}")
         print(f"\n\x1b[1m{prompt.rstrip()}\x1b[0m" if view.colour else f"\n{prompt.rstrip()}")
         pipe.generate(prompt, sampler, seed=seed + i, on_step=view)

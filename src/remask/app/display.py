@@ -56,7 +56,7 @@ class DenoisingView:
         out: list[str | None] = []
         ended = False
         for tid, step in zip(ids, steps):
-            if ended or (step >= 0 and tid in self.stops):
+            if ended or tid in self.stops:  # a revealed end-of-text, or the anchor (given: step -1)
                 ended = True
                 out.append("")  # the end-of-text and whatever follows it are not shown
             elif step < 0:

@@ -30,7 +30,7 @@ class Generation:
     text: str  # the answer, before its end-of-text
     ids: list[int]  # answer ids up to and including the end-of-text (all gen_length if none came)
     reveal_step: list[int]  # per id, the global step at which it was revealed
-    ended: bool  # the model produced an end-of-text within gen_length
+    ended: bool  # an end-of-text came within gen_length (under anchor_eos, the last may be the anchor: reveal step -1)
 
 
 def check_seed(seed: int) -> int:

@@ -33,11 +33,8 @@ def run_label(run_dir: Path) -> str:
     return f"{Path(run_dir).name} {objective}".strip()
 
 
-def plot_runs(runs: list[Path], out: Path) -> Path:
-    """Training loss and validation loss (nats/token; the MDM's is its likelihood bound) against
-    tokens seen, one colour per run. Written atomically; returns the PNG path."""
-    if not runs:
-        raise RemaskError("give at least one run directory")
+def pyplot():
+    """matplotlib.pyplot with the non-interactive backend, or a RemaskError saying how to get it."""
     try:
         import matplotlib
 
@@ -45,6 +42,30 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RemaskError("plotting needs matplotlib: pip install 'remask[plot]'") from None
+    return plt
+
+
+def save_png(fig, out: Path, *, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it to `out` as PNG atomically and close it; returns the path."""
+    plt = pyplot()
+    out = Path(out)
+    try:
+        if not out.parent.is_dir():
+            raise RemaskError(f"output folder {out.parent} does not exist")
+        fig.tight_layout()
+        with atomic_file(out, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_runs(runs: list[Path], out: Path) -> Path:
+    """Training loss and validation loss (nats/token; the MDM's is its likelihood bound) against
+    tokens seen, one colour per run. Written atomically; returns the PNG path."""
+    if not runs:
+        raise RemaskError("give at least one run directory")
+    plt = pyplot()
     series = [(run_label(r), read_metrics(r)) for r in runs]
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, records) in enumerate(series):
@@ -60,13 +81,4 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise RemaskError(f"output folder {out.parent} does not exist")
-    try:
-        with atomic_file(out, "wb") as f:
-            fig.savefig(f, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_png(fig, out)

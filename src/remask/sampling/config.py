@@ -38,6 +38,9 @@ class SamplerConfig(ConfigBase):
     """End-of-text: sampled like any token (allow), never sampled (forbid), or revealed last in a block (delay)."""
     stop_at_eos: bool = True
     """End the answer at the first end-of-text once everything before it is revealed."""
+    anchor_eos: bool = False
+    """Fix the answer's last position to end-of-text before denoising: the model then writes a text
+    that ends within gen_length (what EOS-padded training learned), not one cut off at the limit."""
     cache: CacheMode = "none"
     """KV cache, refreshed at each block boundary: none (exact), prefix (prompt and finished blocks),
     dual (the masked suffix too)."""
@@ -56,6 +59,10 @@ class SamplerConfig(ConfigBase):
                   f"({self.gen_length}) must be divisible by block_length ({self.effective_block_length})")
         self.need(self.steps % self.num_blocks == 0, "steps",
                   f"({self.steps}) must be divisible by the number of blocks ({self.num_blocks})")
+        self.need(not (self.anchor_eos and self.eos == "forbid"), "anchor_eos",
+                  "cannot be combined with eos forbid (the anchor is an end-of-text)")
+        self.need(not self.anchor_eos or self.gen_length >= 2, "anchor_eos",
+                  f"needs gen_length >= 2 (got {self.gen_length}): the anchor takes the last position")
         self.need(self.steps <= self.gen_length, "steps", f"({self.steps}) must be <= gen_length ({self.gen_length})")
 
     @property

@@ -41,7 +41,7 @@ from torch import Tensor
 from remask.errors import RemaskError
 from remask.model import KV
 from remask.sampling.config import SamplerConfig
-from remask.sampling.generate import StepInfo, answers_ended, ban_tokens, check_prompt, select_top_k
+from remask.sampling.generate import StepInfo, anchor_id, answers_ended, append_masks, ban_tokens, check_prompt, select_top_k
 from remask.sampling.remasking import REMASKING, gumbel_argmax
 from remask.sampling.schedule import block_slices, num_transfer_tokens
 
@@ -125,7 +125,7 @@ class Engine:
             raise RemaskError("classifier-free guidance needs two caches; use cfg_scale with cache none")
         prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
         check_prompt(prompt[None], None, self.mask_id)
-        seq = torch.cat([prompt, prompt.new_full((sampler.gen_length,), self.mask_id)])
+        seq = append_masks(prompt[None], None, sampler.gen_length, self.mask_id, anchor_id(sampler, self.eos_ids))[0][0]
         row = Row(seq, prompt.numel(), sampler, generator, torch.tensor(self.eos_ids, dtype=torch.long,
                                                                          device=self.device), on_step)
         row.reveal_step = torch.full_like(seq, -1)

@@ -53,12 +53,24 @@ def check_prompt(prompt: Tensor, attention_mask: Tensor | None, mask_id: int) ->
         raise RemaskError(f"prompt contains the mask token (id {mask_id}) at a real position")
 
 
+def anchor_id(sampler: SamplerConfig, eos_ids: Sequence[int]) -> int | None:
+    """The end-of-text id fixed at the answer's last position under sampler.anchor_eos, else None."""
+    if not sampler.anchor_eos:
+        return None
+    if not eos_ids:
+        raise RemaskError("anchor_eos needs an end-of-text token, and this tokenizer has none")
+    return int(eos_ids[0])
+
+
 def append_masks(prompt: Tensor, attention_mask: Tensor | None, gen_length: int,
-                 mask_id: int) -> tuple[Tensor, Tensor | None]:
-    """x_1 of the reverse process: prompt (B, P) + gen_length masks -> (B, P + gen_length); the
-    attention mask, if any, is extended with ones (the answer is always attended)."""
+                 mask_id: int, end_id: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """x_1 of the reverse process: prompt (B, P) + gen_length masks -> (B, P + gen_length), the
+    last of them `end_id` when given (an answer that must end within gen_length); the attention
+    mask, if any, is extended with ones (the answer is always attended)."""
     B = prompt.shape[0]
     x = torch.cat([prompt, prompt.new_full((B, gen_length), mask_id)], dim=1)
+    if end_id is not None:
+        x[:, -1] = end_id
     if attention_mask is None:
         return x, None
     return x, torch.cat([attention_mask, attention_mask.new_ones((B, gen_length))], dim=1)
@@ -134,7 +146,7 @@ def generate(model_fn: ModelFn, prompt: Tensor, sampler: SamplerConfig, *, mask_
     """
     check_prompt(prompt, attention_mask, mask_id)
     P = prompt.shape[1]
-    x, attn = append_masks(prompt, attention_mask, sampler.gen_length, mask_id)  # (B, L)
+    x, attn = append_masks(prompt, attention_mask, sampler.gen_length, mask_id, anchor_id(sampler, eos_ids))
     is_prompt = torch.arange(x.shape[1], device=x.device) < P  # (L,) masked in CFG's unconditional branch
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=x.device)
     reveal_step = torch.full_like(x, -1)

@@ -5,7 +5,7 @@
   `max_tokens` is a limit (the answer ends at the end-of-text the model predicts, and
   `finish_reason` says which). remask's sampler settings are extra body fields (`steps`,
   `block_length`, `remasking`, `cache`, `parallel`, `threshold`, `factor`, `entropy_bound`,
-  `cfg_scale`, `eos`); `remask_stream: "steps"` streams every denoising step's partial answer
+  `cfg_scale`, `eos`, `anchor_eos`); `remask_stream: "steps"` streams every denoising step's partial answer
   (tokens and the steps that revealed them) beside the text deltas.
 - `GET /health`; `GET /` the page (`static/`).
 - Errors have OpenAI's body `{"error": {"message", "type", "param", "code"}}`: malformed JSON,
@@ -67,6 +67,7 @@ class SamplerFields(BaseModel):
     entropy_bound: float | None = None
     cfg_scale: float | None = None
     eos: str | None = None
+    anchor_eos: bool | None = None
     remask_stream: Literal["text", "steps"] = "text"
 
 
