@@ -7,11 +7,12 @@ and of its autoregressive twin (`remask pretrain --config recipes/demo-ar.yaml`)
 text, the distinct-character ratio of the poem body (distinct characters / characters, punctuation
 and whitespace left out), whether it ended at an end-of-text, whether that end-of-text was the
 anchor (under anchor_eos: the text filled every position before it), whether it ran past its poem
-(no end-of-text, or a second title or author line inside), and its negative log-likelihood per
-character under the AR twin (lower reads as more fluent to an independent model of the same data).
-`--grid` also scores sampler settings (remasking, temperature, block length, steps, the end-of-text
-anchor) over every demo prompt and several seeds, and says which ones meet the targets (nothing runs
-past, distinct ratio >= 0.8). Writes benchmarks/results/demo.json.
+(no end-of-text, or a second title or author line inside), whether its last line is complete, and
+its negative log-likelihood per character under the AR twin (lower reads as more fluent to an
+independent model of the same data). `--grid` also scores sampler settings (remasking, temperature,
+block length, steps, the end-of-text anchor) over every demo prompt and several seeds, and says
+which ones meet the targets (nothing runs past, distinct ratio >= 0.8). Writes
+benchmarks/results/demo.json.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def distinct_ratio(text: str) -> float:
     return len(set(chars)) / len(chars) if chars else 0.0
 
 
+def ends_at_line_end(text: str) -> bool:
+    """The last line is complete: the text ends with a sentence's closing punctuation."""
+    return text.rstrip().endswith(("。", "？", "！", "；", ".", "?", "!"))
+
+
 def runs_past(text: str, ended: bool) -> bool:
     """The answer did not stop where its poem does: no end-of-text, or a new title or author inside."""
     return not ended or "《" in text or "作者" in text
@@ -59,7 +65,7 @@ def sample_all(pipe: Pipeline, ar: Pipeline, sampler: SamplerConfig, seeds: int)
                             for (p, _), g in zip(runs, answers)])
     return [{"prompt": prompt, "seed": seed, "text": g.text, "distinct_ratio": distinct_ratio(g.text),
              "ended": g.ended, "at_anchor": g.ended and g.reveal_step[-1] < 0,
-             "runs_past": runs_past(g.text, g.ended), "ar_nll": value}
+             "runs_past": runs_past(g.text, g.ended), "ends_at_line_end": ends_at_line_end(g.text), "ar_nll": value}
             for (prompt, seed), g, value in zip(runs, answers, nll)]
 
 
@@ -68,6 +74,7 @@ def summary(samples: list[dict]) -> dict:
             "ended": sum(s["ended"] for s in samples) / len(samples),
             "at_anchor": sum(s["at_anchor"] for s in samples) / len(samples),
             "runs_past": sum(s["runs_past"] for s in samples) / len(samples),
+            "ends_at_line_end": sum(s["ends_at_line_end"] for s in samples) / len(samples),
             "distinct_ratio_mean": statistics.fmean(s["distinct_ratio"] for s in samples),
             "distinct_ratio_min": min(s["distinct_ratio"] for s in samples),
             "ar_nll_mean": statistics.fmean(s["ar_nll"] for s in samples),

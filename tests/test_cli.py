@@ -50,6 +50,17 @@ def test_generate_json_matches_library_and_reveal_steps(model_dir, capsys):
     assert lib.text == pipe.tokenizer.decode(result["ids"])
 
 
+def test_demo_sampler_flags_give_the_demo_sampler(model_dir, capsys):
+    from remask.app.demo import DEMO_SAMPLING, sampler_flags
+
+    sampler = DEMO_SAMPLING.replace(gen_length=16, steps=16)  # the tiny model's context is short
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--prompt", "床前", "--seed", "3", "--json",
+                       *sampler_flags(sampler))
+    lib = Pipeline.load(model_dir).generate("床前", sampler, seed=3)
+    assert code == 0 and json.loads(out)["ids"] == lib.ids
+    assert "--anchor-eos" in sampler_flags(sampler) and "--cache" not in sampler_flags(sampler)
+
+
 def test_generate_reproducible_with_seed(model_dir, capsys):
     args = ["generate", "--model", str(model_dir), "--prompt", "白日", "--gen-length", "8", "--steps", "8",
             "--temperature", "1.0", "--remasking", "random", "--json"]
