@@ -117,10 +117,6 @@ def main() -> None:
     pipe, ar = Pipeline.load(args.model), Pipeline.load(args.ar)
     note_path = args.model / TRAINING_NOTE
     note = json.loads(note_path.read_text()) if note_path.exists() else {}
-    if note.get("val_loss") is None and (args.model.parent / "metrics.jsonl").is_file():  # final: last
-        records = [json.loads(line) for line in (args.model.parent / "metrics.jsonl").read_text().splitlines() if line]
-        note["val_loss"] = next((r["val_loss"] for r in records if r.get("step") == note.get("step") and "val_loss" in r),
-                                None)
     shipped = sample_all(pipe, ar, DEMO_SAMPLING, args.seeds)
     ship_summary = summary(shipped)
     print(f"shipped {DEMO_SAMPLING.to_dict()}: {ship_summary}", file=sys.stderr)

@@ -394,5 +394,10 @@ def test_final_can_hold_the_best_validation_checkpoint(corpus, tmp_path):
     job = setup(tiny_cfg(corpus, tmp_path / "other", max_steps=12, val_every=3))
     job.model.load_state_dict(load_model(final).state_dict())
     assert validation_fn(job)(job.model)["val_loss"] == pytest.approx(best_val, rel=1e-6)
-    last = pretrain(tiny_cfg(corpus, tmp_path / "last", max_steps=12, val_every=3, save_every=3, lr=3e-2))
-    assert json.loads((last / "remask_training.json").read_text())["step"] == 12
+    # final: last keeps step 12 and notes its validation bound (step 12 was validated).
+    last = pretrain(tiny_cfg(corpus, tmp_path / "last", max_steps=12, val_every=3, save_every=3, lr=3e-2,
+                             final="last"))
+    note = json.loads((last / "remask_training.json").read_text())
+    assert (note["step"], note["kept"]) == (12, "last")
+    assert note["val_loss"] == [r["val_loss"] for r in metrics(tmp_path / "last") if r.get("step") == 12][-1]
+    assert f"step 12 (the last step, validation bound {note['val_loss']:.3f}" in kept_message(last)

@@ -89,8 +89,9 @@ def kept_message(final: Path) -> str:
         step, val, last = note["step"], note.get("val_loss"), note.get("max_steps")
     except (OSError, ValueError, KeyError, TypeError):
         return f"Using the model in {final}."
-    if val is None:
-        return f"Using the model of step {step} (the last step)."
+    if note.get("kept") == "last" or val is None:
+        bound = f", validation bound {val:.3f} nats/token" if val is not None else ""
+        return f"Using the model of step {step} (the last step{bound})."
     if step == last:
         return f"Using the model of the last step, {step}: it has the lowest validation bound, {val:.3f} nats/token."
     return (f"Using the model of step {step} of {last}: the lowest validation bound, "

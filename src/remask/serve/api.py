@@ -3,10 +3,10 @@
 - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` with OpenAI's request and
   response shapes, `stream: true` as server-sent events, usage counts, `stop` strings, `seed`;
   `max_tokens` is a limit (the answer ends at the end-of-text the model predicts, and
-  `finish_reason` says which). remask's sampler settings are extra body fields (`steps`,
-  `block_length`, `remasking`, `cache`, `parallel`, `threshold`, `factor`, `entropy_bound`,
-  `cfg_scale`, `eos`, `anchor_eos`); `remask_stream: "steps"` streams every denoising step's partial answer
-  (tokens and the steps that revealed them) beside the text deltas.
+  `finish_reason` says which). remask's sampler settings are extra body fields under their
+  `SamplerConfig` names (`steps`, `block_length`, `remasking`, `cache`, `parallel`, ...; all but
+  `gen_length`, `temperature` and `stop_at_eos`); `remask_stream: "steps"` streams every denoising
+  step's partial answer (tokens and the steps that revealed them) beside the text deltas.
 - `GET /health`; `GET /` the page (`static/`).
 - Errors have OpenAI's body `{"error": {"message", "type", "param", "code"}}`: malformed JSON,
   unknown fields and out-of-range values are 400, a missing or wrong API key 401, a full queue
@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import math
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from remask.app.pipeline import Generation, Pipeline
 from remask.errors import RemaskError
@@ -53,22 +55,23 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 # --- requests -------------------------------------------------------------------------------------------
 
 
-class SamplerFields(BaseModel):
-    """remask's sampler settings, as extra body fields (None: the server's default)."""
+# Every SamplerConfig field is a body field of the same name, except those OpenAI's own fields set
+# (gen_length from max_tokens, temperature) and stop_at_eos (a served answer ends at its end-of-text).
+NOT_BODY_FIELDS = ("gen_length", "temperature", "stop_at_eos")
 
-    model_config = ConfigDict(extra="forbid")
-    steps: int | None = None
-    block_length: int | None = None
-    remasking: str | None = None
-    cache: str | None = None
-    parallel: str | None = None
-    threshold: float | None = None
-    factor: float | None = None
-    entropy_bound: float | None = None
-    cfg_scale: float | None = None
-    eos: str | None = None
-    anchor_eos: bool | None = None
-    remask_stream: Literal["text", "steps"] = "text"
+
+def body_type(hint: Any) -> type:
+    """A sampler field's JSON type; choices arrive as strings and SamplerConfig checks them."""
+    return next((t for t in (bool, int, float) if hint is t or t in typing.get_args(hint)), str)
+
+
+SAMPLER_HINTS = typing.get_type_hints(SamplerConfig)
+SamplerFields = create_model(
+    "SamplerFields", __config__=ConfigDict(extra="forbid"),
+    __doc__="remask's sampler settings, as extra body fields (None: the server's default).",
+    **{f.name: (body_type(SAMPLER_HINTS[f.name]) | None, None) for f in dataclasses.fields(SamplerConfig)
+       if f.name not in NOT_BODY_FIELDS},
+    remask_stream=(Literal["text", "steps"], "text"))
 
 
 class StreamOptions(BaseModel):

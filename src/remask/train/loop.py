@@ -231,8 +231,12 @@ def write_final(job: TrainJob, progress: Progress) -> Path:
         return final
     use_best = job.run.final == "best" and (out / "best" / TRAINING_NOTE).is_file()
     source = out / "best" if use_best else latest_checkpoint(out)[1]
-    note = (json.loads((source / TRAINING_NOTE).read_text()) if use_best
-            else {"step": progress.step, "val_loss": None, "kept": "last"})
+    if use_best:
+        note = json.loads((source / TRAINING_NOTE).read_text())
+    else:  # the last step, with its validation bound when that step was validated
+        val = next((r["val_loss"] for r in read_metrics_lines(out / "metrics.jsonl")
+                    if r.get("step") == progress.step and "val_loss" in r), None)
+        note = {"step": progress.step, "val_loss": val, "kept": "last"}
     note |= {"max_steps": job.optim.max_steps, "selection": job.run.final}
     with atomic_dir(final) as staging:
         write_model_files(load_model(source), staging, tokenizer=job.tokenizer)
