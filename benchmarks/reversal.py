@@ -35,6 +35,7 @@ from _common import RESULTS_DIR, write_result
 from remask.app.pipeline import Pipeline
 from remask.atomic import write_text
 from remask.data.corpora import tang300_poems
+from remask.data.facts import capitals
 from remask.eval.reversal import (
     DIRECTIONS,
     QUESTIONS,
@@ -45,9 +46,11 @@ from remask.eval.reversal import (
     load_holdout,
     poem_set,
     question,
+    restatements,
     score_answers,
     sft_dialogues,
     split,
+    statement_documents,
     write_jsonl,
 )
 from remask.sampling import SamplerConfig
@@ -96,19 +99,20 @@ def corpus_text(sets: list[ReversalSet], extra: list[str] = ()) -> str:
 
 def recipe(args, objective: str, corpus: Path, out: Path) -> PretrainConfig:
     return PretrainConfig(
-        objective=objective, model=ModelSection(preset=args.preset, d_model=args.d_model, n_layers=args.n_layers,
-                                                n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size),
+        objective=objective, t_sampling=args.t_sampling,
+        model=ModelSection(preset=args.preset, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                           mlp_hidden_size=args.mlp_hidden_size),
         data=CorpusData(source=str(corpus), tokenizer="char", seq_len=args.seq_len, val_fraction=0.05,
-                        short_batch_prob=0.0),
+                        short_batch_prob=0.0, packing=args.packing),
         optim=OptimConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.pretrain_steps, warmup_steps=100,
-                          decay_fraction=0.2, weight_decay=0.0),
+                          decay_fraction=args.decay_fraction, weight_decay=0.0),
         run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.pretrain_steps // 4), val_every=10**6,
                       log_every=50, progress=args.progress, resume=True))
 
 
 def sft_recipe(args, objective: str, base: Path, data: Path, out: Path) -> SFTConfig:
     return SFTConfig(
-        model=base, objective=objective, data=DialogueData(source=data, seq_len=96, val_fraction=0.05),
+        model=base, objective=objective, t_sampling=args.t_sampling, data=DialogueData(source=data, seq_len=96, val_fraction=0.05),
         optim=OptimConfig(lr=args.sft_lr, batch_size=args.sft_batch_size, max_steps=args.sft_steps, warmup_steps=50,
                           decay_fraction=0.3, weight_decay=0.0),
         run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.sft_steps // 2), val_every=10**6, log_every=50,
@@ -129,6 +133,24 @@ def train_once(run: Path, config, workflow) -> Path:
 
         remove_dir(run)
     return workflow(config)
+
+
+def train_objective(args, objective: str, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
+    import os
+
+    import torch
+
+    if args.jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+        args.progress = False
+    t0 = time.perf_counter()
+    base = train_once(args.out / objective, recipe(args, objective, corpus, args.out / objective), pretrain)
+    t1 = time.perf_counter()
+    tuned = train_once(args.out / f"{objective}-sft", sft_recipe(args, objective, base, sft_data,
+                                                                  args.out / f"{objective}-sft"), sft)
+    return ({objective: base, f"{objective}-sft": tuned},
+            {f"{objective}_pretrain_s": t1 - t0, f"{objective}_sft_s": time.perf_counter() - t1})
 
 
 def sampler_for(kind: str, args, **changes) -> SamplerConfig:
@@ -207,7 +229,7 @@ def main() -> None:
     ap.add_argument("--holdout", default=None, help='JSONL of {"first", "second"} pairs to test on')
     ap.add_argument("--out", type=Path, default=Path("runs/reversal"))
     ap.add_argument("--parts", nargs="+", default=["train", "eval"], choices=["train", "eval", "ablations"])
-    ap.add_argument("--poem-count", type=int, default=60)
+    ap.add_argument("--poem-count", type=int, default=20)
     ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="demo")
@@ -215,19 +237,31 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=None)
     ap.add_argument("--n-heads", type=int, default=None)
     ap.add_argument("--mlp-hidden-size", type=int, default=None)
-    ap.add_argument("--long-poems", type=int, default=6,
+    ap.add_argument("--long-poems", type=int, default=2,
                     help="the longest poems of the file, added to pretraining for benchmarks/sampling.py")
-    ap.add_argument("--long-repeat", type=int, default=3, help="copies of each long poem in the corpus")
-    ap.add_argument("--seq-len", type=int, default=384)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--long-repeat", type=int, default=1, help="copies of each long poem in the corpus")
+    ap.add_argument("--fact-count", type=int, default=40, help="capital facts to use (a seeded choice; 0: all)")
+    ap.add_argument("--restatements", type=int, default=2,
+                    help="further renderings of each poem (couplets reordered) and fact (other words) in pretraining")
+    ap.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
+                    help="the SFT documents' pairs stated both ways in pretraining too (never the test documents')")
+    ap.add_argument("--decay-fraction", type=float, default=0.3, help="pretraining's final learning-rate decay share")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--packing", choices=["concat", "shift", "pad"], default="shift",
+                    help="how pretraining cuts the corpus (shift: at a new offset every epoch, so that the models "
+                         "learn the lines apart from the chunk they fell in)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--pretrain-steps", type=int, default=1200)
+    ap.add_argument("--pretrain-steps", type=int, default=2800)
     ap.add_argument("--sft-lr", type=float, default=5e-4)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft-batch-size", type=int, default=16)
     ap.add_argument("--poem-answer-length", type=int, default=16)
     ap.add_argument("--fact-answer-length", type=int, default=32)
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--jobs", type=int, default=2, help="train the two twins side by side in this many processes")
+    ap.add_argument("--t-sampling", choices=["uniform", "stratified"], default="stratified",
+                    help="the diffusion model's training times (stratified: lower-variance, still unbiased)")
     args = ap.parse_args()
     started = time.perf_counter()
     timings = {}
@@ -238,7 +272,10 @@ def main() -> None:
     holdout = load_holdout(args.holdout) if args.holdout else None
     long = longest_poems(all_poems, args.long_poems)
     chosen, file_stats = choose_poems(all_poems, args.poem_count, args.seed, holdout, exclude=long)
-    poems, facts = poem_set(chosen), capital_set()
+    fact_pairs = capitals()
+    if args.fact_count:
+        fact_pairs = sorted(random.Random(args.seed).sample(fact_pairs, min(args.fact_count, len(fact_pairs))))
+    poems, facts = poem_set(chosen), capital_set(fact_pairs)
     poem_sft, poem_test = split(poems, test_fraction=args.test_fraction, seed=args.seed, holdout=holdout)
     fact_sft, fact_test = split(facts, test_fraction=args.test_fraction, seed=args.seed)
     print(f"poem file: {file_stats['poems']} poems, {file_stats['couplets']} couplets kept; using "
@@ -246,23 +283,32 @@ def main() -> None:
           f"{len(facts.pairs)} capital facts: {len(fact_test)} test", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts],
-                                                                [all_poems[i].text() for i in long] * args.long_repeat))
+    extra = [all_poems[i].text() for i in long] * args.long_repeat
+    for data, sources in ((poems, poem_sft), (facts, fact_sft)):
+        extra += restatements(data, args.restatements, args.seed)
+        if args.statements:
+            extra += statement_documents(data, sources)
+    corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts], extra))
     sft_data = write_jsonl(args.out / "sft.jsonl", sft_dialogues(poems, poem_sft) + sft_dialogues(facts, fact_sft))
     write_jsonl(args.out / "test_pairs.jsonl", [{"first": p.first, "second": p.second} for p in poem_test])
     sft_halves = {h for p in poems.pairs if p.source in poem_sft for h in (p.first, p.second)}
     assert not sft_halves & {h for p in poem_test for h in (p.first, p.second)}  # no test couplet reaches SFT
 
     models = {}
-    for objective in OBJECTIVES:
-        t0 = time.perf_counter()
-        models[objective] = train_once(args.out / objective, recipe(args, objective, corpus, args.out / objective),
-                                       pretrain)
-        t1 = time.perf_counter()
-        models[f"{objective}-sft"] = train_once(
-            args.out / f"{objective}-sft", sft_recipe(args, objective, models[objective], sft_data,
-                                                      args.out / f"{objective}-sft"), sft)
-        timings[f"{objective}_pretrain_s"], timings[f"{objective}_sft_s"] = t1 - t0, time.perf_counter() - t1
+    jobs = [(args, objective, corpus, sft_data) for objective in OBJECTIVES]
+    if args.jobs > 1:  # one process per model, the cores shared out (more tokens/s in all than one at a time)
+        import multiprocessing
+        import signal
+
+        # a terminated benchmark takes its workers with it (leaving the pool terminates them)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.starmap(train_objective, jobs)
+    else:
+        done = [train_objective(*job) for job in jobs]
+    for found, times in done:
+        models |= found
+        timings |= times
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "poem_stats": poems.stats, "poem_file_stats": file_stats, "fact_stats": facts.stats,

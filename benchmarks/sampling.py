@@ -145,10 +145,13 @@ def free_prompts(pipe: Pipeline, docs: list[str], count: int, contexts: list[int
 def memorised_prompts(pipe: Pipeline, docs: list[str], count: int, context: int,
                       length: int) -> tuple[list[list[int]], list[str]]:
     """The first `context` tokens of each of the `count` longest training poems and their next
-    `length` characters."""
+    `length` characters (only documents that long: benchmarks/reversal.py's `--long-poems`)."""
     tok = pipe.tokenizer
     prompts, truths = [], []
-    for text in sorted(set(docs), key=lambda d: -len(d))[:count]:
+    long_enough = [d for d in sorted(set(docs), key=lambda d: -len(d)) if len(tok.encode(d)) + 1 >= context + length]
+    if not long_enough:
+        sys.exit(f"error: no training document holds {context} + {length} tokens (benchmarks/reversal.py --long-poems)")
+    for text in long_enough[:count]:
         ids = [tok.bos_id, *tok.encode(text)]
         prompts.append(ids[:context])
         truths.append(tok.decode(ids[context:context + length]))

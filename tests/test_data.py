@@ -112,6 +112,28 @@ def test_packed_batches_visit_every_chunk_once_per_epoch():
         chunk_rows(tokens[:7], 8)
 
 
+def test_shifted_chunks_cut_the_stream_at_a_new_offset_every_epoch():
+    tokens = np.arange(10 * 8 + 3, dtype=np.uint16)  # 10 chunks and a tail of 3
+    packed = PackedBatches(training_rows(tokens, 8, "shift", bos_id=None, eos_id=None, seed=3), batch_size=5, seed=3)
+    ring = np.concatenate([tokens, tokens])
+    starts = []
+    for epoch in range(6):
+        rows = torch.cat([packed.batch(2 * epoch), packed.batch(2 * epoch + 1)])  # one epoch
+        heads = {r[0] for r in rows.tolist()}
+        [first] = [h for h in heads if (h - 8) % len(tokens) not in heads]  # the chunk the epoch starts with
+        by_start = sorted(rows.tolist(), key=lambda r: (r[0] - first) % len(tokens))
+        # the epoch's rows, put back in stream order, are the ring read from one offset, chunk after chunk
+        assert sum(by_start, []) == ring[first:first + 80].tolist()
+        starts.append(first)
+    assert len(set(starts)) > 3  # texts fall in different chunks, after different context
+    again = PackedBatches(training_rows(tokens, 8, "shift", bos_id=None, eos_id=None, seed=3), batch_size=5, seed=3)
+    assert torch.equal(again.batch(9), packed.batch(9))  # a function of (seed, step), as resume needs
+    other = PackedBatches(training_rows(tokens, 8, "shift", bos_id=None, eos_id=None, seed=4), batch_size=5, seed=4)
+    assert not torch.equal(other.batch(0), packed.batch(0))
+    with pytest.raises(RemaskError, match="fewer than one sequence"):
+        training_rows(tokens[:7], 8, "shift", bos_id=None, eos_id=None)
+
+
 def test_document_rows_pad_each_document_with_eos():
     bos, eos = 1, 2
     docs = [[5, 6, 7], list(range(10, 20)), [30]]  # the second is longer than one sequence

@@ -17,9 +17,11 @@ from remask.eval.reversal import (
     load_holdout,
     poem_set,
     question,
+    restatements,
     score_answers,
     sft_dialogues,
     split,
+    statement_documents,
 )
 
 
@@ -64,6 +66,24 @@ def test_splits_are_a_function_of_the_seed_and_keep_test_poems_out_of_sft():
     for pair in test:  # not a single line of a test poem, in either role
         assert pair.first not in text and pair.second not in text
     assert len(records) == 2 * sum(1 for p in data.pairs if p.source in sft_sources)
+
+
+def test_restatements_keep_each_pair_in_reading_order_and_statements_keep_to_the_sft_documents():
+    data = poem_set(tang300_poems()[:30])
+    sft_sources, test = split(data, test_fraction=0.3, seed=1)
+    again = restatements(data, 2, seed=5)
+    assert again == restatements(data, 2, seed=5) and again != restatements(data, 2, seed=6)
+    lines = [line for doc in again for line in doc.splitlines()]
+    assert sorted(lines) == sorted(f"{p.first}，{p.second}。" for p in data.pairs for _ in range(2))
+    facts = capital_set([("France", "Paris"), ("Peru", "Lima")])
+    for doc, (country, capital) in zip(restatements(facts, 1, seed=0), [("France", "Paris"), ("Peru", "Lima")]):
+        assert doc.index(country) < doc.index(capital)  # never the capital before its country
+    text = "\n".join(statement_documents(data, sft_sources))
+    for pair in test:
+        assert pair.first not in text and pair.second not in text
+    for pair in data.pairs:
+        if pair.source in sft_sources:
+            assert f"{pair.first}的下一句是{pair.second}。" in text and f"{pair.second}的上一句是{pair.first}。" in text
 
 
 def test_holdout_pairs_are_the_test_set(tmp_path):

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Every PretrainConfig field by its bare name (the tests' shorthand) -> its dotted path.
 PATHS = {g.name: f"{f.name}.{g.name}" for f in dataclasses.fields(PretrainConfig)
          if dataclasses.is_dataclass(f.default_factory) for g in dataclasses.fields(f.default_factory)}
-PATHS |= {"data": "data.source", "preset": "model.preset", "objective": "objective", "mask_eps": "mask_eps"}
+PATHS |= {"data": "data.source", "preset": "model.preset", "objective": "objective", "mask_eps": "mask_eps",
+          "t_sampling": "t_sampling"}
 
 
 def tiny_cfg(corpus: Path | str, out: Path, **kw) -> PretrainConfig:
@@ -106,6 +107,20 @@ def test_resume_is_bit_identical(corpus, tmp_path):
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(full)]
     a, b = weights(full / "final"), weights(cut / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "stratified"])
+def test_t_sampling_reaches_training_and_validation(corpus, tmp_path, monkeypatch, mode):
+    import remask.diffusion.masking as masking
+
+    drawn = []
+    real = masking.stratified_t
+    monkeypatch.setattr(masking, "stratified_t", lambda batch, **kw: drawn.append(batch) or real(batch, **kw))
+    run = tmp_path / mode
+    pretrain(tiny_cfg(corpus, run, max_steps=4, val_every=4, t_sampling=mode))
+    assert (len(drawn) >= 4 and set(drawn) <= {4, 1}) if mode == "stratified" else drawn == []
+    assert f"t_sampling: {mode}" in (run / "config.yaml").read_text()
+    assert math.isfinite(metrics(run)[-1]["val_loss"])
 
 
 def test_refuses_to_overwrite_or_resume_a_different_model(corpus, tmp_path):

@@ -174,6 +174,45 @@ def sft_dialogues(data: ReversalSet, sources: set[int]) -> list[dict]:
     return out
 
 
+FACT_RESTATEMENTS = ("{first}'s capital is {second}.", "Capital of {first}: {second}.",
+                     "In {first}, the seat of government is {second}.")
+
+
+def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
+    """`copies` further renderings of every document for pretraining, each pair's first half still
+    before its second (so an autoregressive model never reads a pair backwards): a poem's couplets
+    in a seeded random order, one a line, without title or author; a fact in other words. Knowledge
+    seen in varied contexts is what later fine-tuning can extract (Allen-Zhu and Li 2023, part 3.1)."""
+    rng, out = random.Random(seed), []
+    for _ in range(copies):
+        for _source, pairs in sorted(data.by_source().items()):
+            if data.kind == "poem":
+                order = rng.sample(pairs, len(pairs))
+                out.append("\n".join(f"{p.first}，{p.second}。" for p in order))
+            else:
+                out.extend(rng.choice(FACT_RESTATEMENTS).format(first=p.first, second=p.second) for p in pairs)
+    return out
+
+
+STATEMENTS: dict[str, dict[str, str]] = {
+    "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
+    "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
+}
+
+
+def statement_documents(data: ReversalSet, sources: set[int]) -> list[str]:
+    """Both directions of every pair of `sources` stated as plain pretraining text ("X的下一句是Y。",
+    "Y的上一句是X。"), one document per source: "mixed training" (Allen-Zhu and Li 2023, part 3.1),
+    in which the model meets the relations the questions ask about while it stores the facts.
+    Only SFT documents are passed: a test pair is never stated backwards."""
+    out = []
+    for source, pairs in sorted(data.by_source().items()):
+        if source in sources:
+            out.append("\n".join(STATEMENTS[data.kind][d].format(first=p.first, second=p.second)
+                                 for p in pairs for d in DIRECTIONS))
+    return out
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     from remask.atomic import write_text
 

@@ -98,9 +98,11 @@ class CorpusData(ConfigBase):
     """Fraction of documents held out for validation."""
     short_batch_prob: float = setting(0.01, ge=0, le=1)
     """Fraction of batches cut to a random shorter length (LLaDA section 2.3: 1%)."""
-    packing: Literal["concat", "pad"] = "concat"
-    """concat: documents joined and cut into seq_len chunks (LLaDA); pad: each document its own
-    sequences, the last filled with end-of-text, so the model learns where a text ends."""
+    packing: Literal["concat", "shift", "pad"] = "concat"
+    """concat: documents joined and cut into seq_len chunks (LLaDA); shift: the same, cut at a fresh
+    offset every epoch (for many epochs over a small corpus: texts are learnt apart from the
+    chunks they fell in); pad: each document its own sequences, the last filled with end-of-text,
+    so the model learns where a text ends."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,9 @@ class PretrainConfig(ConfigBase):
     """mdm: the masked-diffusion objective; ar: the autoregressive twin (causal mask, next-token loss)."""
     mask_eps: float = setting(1e-3, gt=0, lt=1)
     """eps of the mask probability p = (1 - eps) t + eps."""
+    t_sampling: Literal["uniform", "stratified"] = "uniform"
+    """How a batch's diffusion times t are drawn: uniform (independent, the paper) or stratified
+    (one per stratum of [0, 1), each still uniform: an unbiased loss of lower variance)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: CorpusData = field(default_factory=CorpusData)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -201,6 +206,9 @@ class SFTConfig(ConfigBase):
     objective: Objective = "mdm"
     """mdm: the SFT objective (prompt never masked); ar: the AR twin's answer-only next-token loss."""
     mask_eps: float = setting(1e-3, gt=0, lt=1)
+    t_sampling: Literal["uniform", "stratified"] = "uniform"
+    """How a batch's diffusion times t are drawn: uniform (independent, the paper) or stratified
+    (one per stratum of [0, 1), each still uniform: an unbiased loss of lower variance)."""
     data: DialogueData = field(default_factory=DialogueData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=500, warmup_steps=50))
     run: RunConfig = field(default_factory=lambda: RunConfig(out=Path("runs/sft")))

@@ -59,6 +59,7 @@ class TrainJob:
     batch_fn: Callable[[int], Batch]  # the global batch of a step (CPU tensors)
     val_batches: list[Batch]  # held-out micro-batches (empty: no validation)
     describe: str = ""
+    t_sampling: str = "uniform"  # how a batch's diffusion times are drawn (config: t_sampling)
 
 
 def autocast(precision: str, device: torch.device):
@@ -83,6 +84,7 @@ def validation_fn(job: TrainJob) -> Callable[[nn.Module], dict[str, float]] | No
             generator = step_generator(job.run.seed, start, Stream.VALIDATION)
             for _ in range(objective.validation_draws):
                 inputs = objective.make_inputs(batch, mask_id=job.tokenizer.mask_id, eps=job.mask_eps,
+                                               stratified=job.t_sampling == "stratified",
                                                generator=generator)
                 with autocast(job.run.precision, job.info.device):
                     total += objective.loss(model, inputs.to(job.info.device)).item() * len(batch)
@@ -303,6 +305,7 @@ def _train(job: TrainJob, per_rank: int, micro: int, accum: int) -> Path:
                 group["lr"] = lr
             batch = job.batch_fn(step)
             inputs = objective.make_inputs(batch, mask_id=job.tokenizer.mask_id, eps=job.mask_eps,
+                                           stratified=job.t_sampling == "stratified",
                                            generator=step_generator(run.seed, step, Stream.MASKS))
             mine = inputs.rows(slice(info.rank * per_rank, (info.rank + 1) * per_rank))
             loss_value = 0.0

@@ -86,27 +86,29 @@ class NextTokenInputs(Rows):
 Inputs = MaskedInputs | NextTokenInputs
 
 
-def pretrain_mdm_inputs(batch: TextBatch, *, mask_id: int, eps: float,
+def pretrain_mdm_inputs(batch: TextBatch, *, mask_id: int, eps: float, stratified: bool = False,
                         generator: torch.Generator | None) -> MaskedInputs:
-    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, generator=generator)  # eq. (3)
+    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, stratified=stratified,
+                                    generator=generator)  # eq. (3)
     return MaskedInputs(batch.ids, noisy, masked, p)
 
 
-def sft_mdm_inputs(batch: DialogueBatch, *, mask_id: int, eps: float,
+def sft_mdm_inputs(batch: DialogueBatch, *, mask_id: int, eps: float, stratified: bool = False,
                    generator: torch.Generator | None) -> MaskedInputs:
     # Section 2.3: the prompt is never masked; EOS padding counts as answer.
     L = batch.ids.shape[1]
     prompt = torch.arange(L, device=batch.ids.device)[None, :] < batch.prompt_lengths[:, None]  # (B, L)
-    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, maskable=~prompt, generator=generator)
+    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, maskable=~prompt, stratified=stratified,
+                                    generator=generator)
     return MaskedInputs(batch.ids, noisy, masked, p, L - batch.prompt_lengths)
 
 
-def pretrain_ar_inputs(batch: TextBatch, *, mask_id: int, eps: float,
+def pretrain_ar_inputs(batch: TextBatch, *, mask_id: int, eps: float, stratified: bool = False,
                        generator: torch.Generator | None) -> NextTokenInputs:
     return NextTokenInputs(batch.ids)
 
 
-def sft_ar_inputs(batch: DialogueBatch, *, mask_id: int, eps: float,
+def sft_ar_inputs(batch: DialogueBatch, *, mask_id: int, eps: float, stratified: bool = False,
                   generator: torch.Generator | None) -> NextTokenInputs:
     L = batch.ids.shape[1]
     prompt = torch.arange(L, device=batch.ids.device)[None, :] < batch.prompt_lengths[:, None]
@@ -127,7 +129,7 @@ def next_token_loss(model: nn.Module, inputs: NextTokenInputs) -> Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    make_inputs: Callable[..., Inputs]  # (batch, *, mask_id, eps, generator) -> inputs
+    make_inputs: Callable[..., Inputs]  # (batch, *, mask_id, eps, stratified, generator) -> inputs
     loss: Callable[[nn.Module, Inputs], Tensor]
     validation_draws: int  # mask draws per held-out batch when validating (1: nothing is random)
 

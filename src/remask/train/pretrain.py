@@ -40,7 +40,7 @@ def validation_rows(tokens: np.ndarray, seq_len: int, count: int, packing: Packi
     S = min(seq_len, len(tokens))
     if S < 2:
         raise RemaskError("the validation split has fewer than 2 tokens; use a larger corpus or val_fraction")
-    rows = training_rows(tokens, S, packing, bos_id=bos_id, eos_id=eos_id)
+    rows = training_rows(tokens, S, "concat" if packing == "shift" else packing, bos_id=bos_id, eos_id=eos_id)
     picks = np.linspace(0, len(rows) - 1, num=min(count, len(rows))).round().astype(np.int64)
     return torch.from_numpy(np.asarray(rows[picks], dtype=np.int64))
 
@@ -60,7 +60,7 @@ def setup(cfg: PretrainConfig) -> TrainJob:
                             seed=cfg.run.seed, device=info.device)
     split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
     ends = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
-    packed = PackedBatches(training_rows(splits.train, cfg.data.seq_len, cfg.data.packing, **ends),
+    packed = PackedBatches(training_rows(splits.train, cfg.data.seq_len, cfg.data.packing, **ends, seed=cfg.run.seed),
                            cfg.optim.batch_size, seed=cfg.run.seed)
 
     def batch_fn(step: int) -> TextBatch:
@@ -72,7 +72,7 @@ def setup(cfg: PretrainConfig) -> TrainJob:
     val_batches = [TextBatch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     describe = f"{cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
     return TrainJob("pretrain", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer,
-                    info, batch_fn, val_batches, describe)
+                    info, batch_fn, val_batches, describe, t_sampling=cfg.t_sampling)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

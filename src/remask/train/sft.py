@@ -49,7 +49,8 @@ def setup(cfg: SFTConfig) -> TrainJob:
                    for i in range(0, len(val_examples), micro)]
     describe = f"sft {cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
     return TrainJob("sft", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer, info,
-                    lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe)
+                    lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe,
+                    t_sampling=cfg.t_sampling)
 
 
 def sft(cfg: SFTConfig) -> Path:
