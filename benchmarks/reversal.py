@@ -5,9 +5,12 @@ about part of them, and tested on the rest, which they saw in pretraining only.
     python benchmarks/reversal.py [--poems FILE] [--holdout PAIRS.jsonl] [--parts train eval ablations]
 
 - pretraining data: `--poem-count` poems of the fortune-format `--poems` file (default: the 300
-  Tang poems), the country -> capital facts, one sentence each (country first), and the file's
-  `--long-poems` longest poems `--long-repeat` times (for benchmarks/sampling.py's memorised
-  continuations; never in the reversal sets);
+  Tang poems), `--fact-count` country -> capital facts, one sentence each (country first), and
+  the file's `--long-poems` longest poems `--long-repeat` times (for benchmarks/sampling.py's
+  memorised continuations; never in the reversal sets); `--restatements` more renderings of each
+  poem (its couplets reordered) and fact (other words), every pair still first half first; with
+  `--statements`, the SFT documents' pairs stated both ways ("mixed training"); the corpus cut at a
+  new offset every epoch (`--packing shift`); the twins trained side by side (`--jobs 2`);
 - SFT: `X的下一句是什么？` / `X的上一句是什么？` (and "What is the capital of X?" / "Which country has the
   capital Y?") for the pairs of the SFT documents, both directions;
 - test: the pairs of the held-out documents (or `--holdout` pairs: their poems are held out),
