@@ -103,11 +103,18 @@ def poem_set(poems: Sequence[Poem]) -> ReversalSet:
     return ReversalSet("poem", [p.text() for p in poems], pairs, stats)
 
 
+# Each pair stated as text, either way round: a fact's own document is its forward statement.
+STATEMENTS: dict[str, dict[str, str]] = {
+    "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
+    "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
+}
+
+
 def capital_set(pairs: Sequence[tuple[str, str]] | None = None) -> ReversalSet:
     """Countries and capitals: each fact a one-sentence document read one way only, so the AR
     twin sees the country before the capital and never the reverse."""
     facts = list(capitals() if pairs is None else pairs)
-    docs = [f"The capital of {country} is {capital}." for country, capital in facts]
+    docs = [STATEMENTS["capital"]["forward"].format(first=country, second=capital) for country, capital in facts]
     counts: dict[str, int] = {}
     for country, capital in facts:
         for h in (country, capital):
@@ -192,12 +199,6 @@ def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
             else:
                 out.extend(rng.choice(FACT_RESTATEMENTS).format(first=p.first, second=p.second) for p in pairs)
     return out
-
-
-STATEMENTS: dict[str, dict[str, str]] = {
-    "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
-    "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
-}
 
 
 def statement_documents(data: ReversalSet, sources: set[int]) -> list[str]:
