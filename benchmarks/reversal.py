@@ -45,9 +45,10 @@ from remask.eval.reversal import (
     ReversalSet,
     answer_questions,
     capital_set,
-    infill_answers,
     load_holdout,
     poem_set,
+    probe_answers,
+    probes,
     question,
     restatements,
     score_answers,
@@ -116,26 +117,39 @@ def recipe(args, objective: str, corpus: Path, out: Path) -> PretrainConfig:
 def sft_recipe(args, objective: str, base: Path, data: Path, out: Path) -> SFTConfig:
     return SFTConfig(
         model=base, objective=objective, t_sampling=args.t_sampling, data=DialogueData(source=data, seq_len=96, val_fraction=0.05),
-        optim=OptimConfig(lr=args.sft_lr, batch_size=args.sft_batch_size, max_steps=args.sft_steps, warmup_steps=50,
+        optim=OptimConfig(lr=args.sft_lr, batch_size=args.sft_batch_size, max_steps=args.sft_steps,
+                          warmup_steps=min(50, max(1, args.sft_steps // 10)),
                           decay_fraction=0.3, weight_decay=0.0),
         run=RunConfig(out=out, seed=args.seed, save_every=max(1, args.sft_steps // 2), val_every=10**6, log_every=50,
                       progress=args.progress, resume=True))
 
 
-def train_once(run: Path, config, workflow) -> Path:
-    """Train unless run/final exists from the same recipe (the recipe is compared as config.yaml)."""
+def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, float]:
+    """Train unless run/final exists from the same recipe (compared as config.yaml) and the same
+    `inputs` files (data, base weights: compared by SHA-256, kept in run/benchmark.json); (final model, training
+    seconds), those of a reused model being what it took when trained, so that the benchmark's
+    timing is its cost from scratch."""
+    import hashlib
+
     import yaml
 
     wanted = config.to_dict()
-    saved = run / "config.yaml"
-    if (run / "final").is_dir() and saved.is_file() and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted)):
+    digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs)).hexdigest()
+    saved, record = run / "config.yaml", run / "benchmark.json"
+    if ((run / "final").is_dir() and saved.is_file() and record.is_file()
+            and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted))
+            and json.loads(record.read_text()).get("inputs_sha256") == digest):
         print(f"reusing {run / 'final'}", file=sys.stderr)
-        return run / "final"
+        return run / "final", json.loads(record.read_text())["train_s"]
     if run.exists():
         from remask.atomic import remove_dir
 
         remove_dir(run)
-    return workflow(config)
+    t0 = time.perf_counter()
+    final = workflow(config)
+    took = time.perf_counter() - t0
+    write_text(record, json.dumps({"train_s": took, "inputs_sha256": digest}) + "\n")
+    return final, took
 
 
 def train_objective(args, objective: str, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
@@ -147,13 +161,13 @@ def train_objective(args, objective: str, corpus: Path, sft_data: Path) -> tuple
     if args.jobs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
         args.progress = False
-    t0 = time.perf_counter()
-    base = train_once(args.out / objective, recipe(args, objective, corpus, args.out / objective), pretrain)
-    t1 = time.perf_counter()
-    tuned = train_once(args.out / f"{objective}-sft", sft_recipe(args, objective, base, sft_data,
-                                                                  args.out / f"{objective}-sft"), sft)
+    base, pretrain_s = train_once(args.out / objective, recipe(args, objective, corpus, args.out / objective), pretrain,
+                                  [corpus])
+    tuned, sft_s = train_once(args.out / f"{objective}-sft", sft_recipe(args, objective, base, sft_data,
+                                                                         args.out / f"{objective}-sft"), sft,
+                          [sft_data, base / "model.safetensors"])
     return ({objective: base, f"{objective}-sft": tuned},
-            {f"{objective}_pretrain_s": t1 - t0, f"{objective}_sft_s": time.perf_counter() - t1})
+            {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
 
 
 def sampler_for(kind: str, args, **changes) -> SamplerConfig:
@@ -176,34 +190,56 @@ def evaluate_qa(model_dir: Path, data: ReversalSet, pairs, sampler: SamplerConfi
     return out
 
 
-def evaluate_infill(model_dir: Path, pairs, sampler: SamplerConfig) -> dict:
+def evaluate_plain(model_dir: Path, kind: str, pairs, sampler: SamplerConfig, style: str,
+                   only: tuple[str, ...] | None = None) -> dict:
+    """A base model (no SFT) completing each of the kind's plain-text probes (`probes`: the statement
+    in pretraining's style; those named in `only`) in both directions; None where the probe cannot be put to it (the AR
+    twin, the unknown half first)."""
     pipe = Pipeline.load(model_dir)
     out = {}
-    for direction in DIRECTIONS:
-        golds = [p.second if direction == "forward" else p.first for p in pairs]
-        scored = score_answers(infill_answers(pipe, pairs, direction, sampler=sampler), golds)
-        out[direction], out[f"{direction}_exact"], out["n"] = scored["accuracy"], scored["exact"], scored["n"]
+    for probe, templates in probes(kind, style).items():
+        if only is not None and probe not in only:
+            continue
+        row = {}
+        for direction in DIRECTIONS:
+            golds = [p.second if direction == "forward" else p.first for p in pairs]
+            answers = probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler)
+            scored = score_answers(answers, golds) if None not in answers else {"accuracy": None, "exact": None}
+            row[direction], row[f"{direction}_exact"] = scored["accuracy"], scored["exact"]
+        out[probe] = row | {"n": len(pairs), "text": templates}
     return out
 
 
 def ablations(args, models: dict, poems: ReversalSet, test) -> dict:
-    """The SFT'd diffusion model's poem accuracy against one sampler setting at a time."""
+    """Test-pair accuracy against one sampler setting at a time: the SFT'd diffusion model asked the
+    questions ("qa": steps, remasking, block length, guidance scale, answer length), and the base
+    diffusion model's plain infilling ("infill": steps per masked position, remasking; blocks,
+    guidance and answer length do not apply to a fixed span)."""
     base = sampler_for("poem", args)
     L = base.gen_length
-    grid = {
-        "steps": [base.replace(steps=s) for s in sorted({max(1, L // 4), max(1, L // 2), L})],
-        "remasking": [base.replace(remasking=r) for r in ("low_confidence", "random", "margin", "entropy")],
-        "block_length": [base.replace(block_length=b, steps=L) for b in (2, 4, L // 2, L) if L % b == 0],
-        "cfg_scale": [base.replace(cfg_scale=w) for w in (0.0, 0.5, 1.0, 2.0)],
-        "gen_length": [base.replace(gen_length=g, steps=g) for g in (L, 2 * L, 4 * L)],
+    steps = [base.replace(steps=s) for s in sorted({max(1, L // 4), max(1, L // 2), L})]
+    remasking = [base.replace(remasking=r) for r in ("low_confidence", "random", "margin", "entropy")]
+    grids = {
+        "qa": {
+            "steps": steps, "remasking": remasking,
+            "block_length": [base.replace(block_length=b, steps=L) for b in (2, 4, L // 2, L) if L % b == 0],
+            "cfg_scale": [base.replace(cfg_scale=w) for w in (0.0, 0.5, 1.0, 2.0)],
+            "gen_length": [base.replace(gen_length=g, steps=g) for g in (L, 2 * L, 4 * L)],
+        },
+        "infill": {"steps": steps, "remasking": remasking},
     }
-    out = {}
-    for name, samplers in grid.items():
-        rows = []
-        for s in samplers:
-            r = evaluate_qa(models["mdm-sft"], poems, test, s, args.poem_answer_length)
-            rows.append({"value": getattr(s, name), "forward": r["forward"], "backward": r["backward"], "n": r["n"]})
-        out[name] = rows
+    out: dict = {}
+    for group, grid in grids.items():
+        for name, samplers in grid.items():
+            rows = []
+            for s in samplers:
+                if group == "qa":
+                    r = evaluate_qa(models["mdm-sft"], poems, test, s, args.poem_answer_length)
+                else:
+                    r = evaluate_plain(models["mdm"], "poem", test, s, "plain", only=("couplet",))["couplet"]
+                value = f"{s.steps}/{L}" if (group, name) == ("infill", "steps") else getattr(s, name)  # per position
+                rows.append({"value": value, "forward": r["forward"], "backward": r["backward"], "n": r["n"]})
+            out.setdefault(group, {})[name] = rows
     return out
 
 
@@ -211,18 +247,22 @@ def plot_ablations(results: dict, path: Path) -> None:
     from remask.app.plot import pyplot, save_png
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5))
-    for ax, (name, rows) in zip(axes, results.items()):
-        labels = [str(r["value"]) for r in rows]
-        x = range(len(rows))
-        ax.plot(x, [r["forward"] for r in rows], "o-", label="forward")
-        ax.plot(x, [r["backward"] for r in rows], "s-", label="backward")
-        ax.set_xticks(list(x), labels, rotation=30 if name == "remasking" else 0)
-        ax.set_title(name)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (contains gold)")
-    axes[0].legend()
+    width = max(len(grid) for grid in results.values())
+    fig, axes = plt.subplots(len(results), width, figsize=(4 * width, 3.5 * len(results)), squeeze=False)
+    for row, (group, grid) in zip(axes, results.items()):
+        for ax in row[len(grid):]:
+            ax.axis("off")
+        for ax, (name, rows) in zip(row, grid.items()):
+            labels = [str(r["value"]) for r in rows]
+            x = range(len(rows))
+            ax.plot(x, [r["forward"] for r in rows], "o-", label="forward")
+            ax.plot(x, [r["backward"] for r in rows], "s-", label="backward")
+            ax.set_xticks(list(x), labels, rotation=30 if name == "remasking" else 0)
+            ax.set_title(f"{group}: {name}")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("accuracy (contains gold)")
+        row[0].legend()
     save_png(fig, path, dpi=110)
 
 
@@ -246,8 +286,9 @@ def main() -> None:
     ap.add_argument("--fact-count", type=int, default=40, help="capital facts to use (a seeded choice; 0: all)")
     ap.add_argument("--restatements", type=int, default=2,
                     help="further renderings of each poem (couplets reordered) and fact (other words) in pretraining")
-    ap.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
-                    help="the SFT documents' pairs stated both ways in pretraining too (never the test documents')")
+    ap.add_argument("--statements", choices=["qa", "plain", "none"], default="plain",
+                    help="the SFT documents' pairs stated both ways in pretraining too, never the test documents' "
+                         "(qa: each question followed by its answer, as plain text; plain: X的下一句是Y。)")
     ap.add_argument("--decay-fraction", type=float, default=0.3, help="pretraining's final learning-rate decay share")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -289,8 +330,8 @@ def main() -> None:
     extra = [all_poems[i].text() for i in long] * args.long_repeat
     for data, sources in ((poems, poem_sft), (facts, fact_sft)):
         extra += restatements(data, args.restatements, args.seed)
-        if args.statements:
-            extra += statement_documents(data, sources)
+        if args.statements != "none":
+            extra += statement_documents(data, sources, args.statements)
     corpus = write_text(args.out / "corpus.txt", corpus_text([poems, facts], extra))
     sft_data = write_jsonl(args.out / "sft.jsonl", sft_dialogues(poems, poem_sft) + sft_dialogues(facts, fact_sft))
     write_jsonl(args.out / "test_pairs.jsonl", [{"first": p.first, "second": p.second} for p in poem_test])
@@ -299,6 +340,7 @@ def main() -> None:
 
     models = {}
     jobs = [(args, objective, corpus, sft_data) for objective in OBJECTIVES]
+    training_started = time.perf_counter()
     if args.jobs > 1:  # one process per model, the cores shared out (more tokens/s in all than one at a time)
         import multiprocessing
         import signal
@@ -312,6 +354,10 @@ def main() -> None:
     for found, times in done:
         models |= found
         timings |= times
+    # the run's cost from scratch: training as it took when done (reused models keep their seconds)
+    per_twin = [timings[f"{o}_pretrain_s"] + timings[f"{o}_sft_s"] for o in OBJECTIVES]
+    training_s = max(per_twin) if args.jobs > 1 else sum(per_twin)
+    started += (time.perf_counter() - training_started) - training_s
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "poem_stats": poems.stats, "poem_file_stats": file_stats, "fact_stats": facts.stats,
@@ -325,7 +371,19 @@ def main() -> None:
         for objective in OBJECTIVES:
             results[objective] = evaluate_qa(models[f"{objective}-sft"], poems, poem_test, sampler_for("poem", args),
                                              args.poem_answer_length)
-        results["mdm_infill"] = evaluate_infill(models["mdm"], poem_test, sampler_for("poem", args))
+        style = "plain" if args.statements == "plain" else "qa"
+        plain = {kind: {o: evaluate_plain(models[o], kind, pairs, sampler_for(kind, args), style) for o in OBJECTIVES}
+                 for kind, pairs in (("poem", poem_test), ("capital", fact_test))}
+        results["plain"] = plain
+        # the same measures on pairs of the SFT poems, which pretraining states both ways and SFT asks
+        # about: what each model does with pairs it has read backwards, beside the test pairs it has not
+        seen = random.Random(args.seed).sample([p for p in poems.pairs if p.source in poem_sft],
+                                               min(len(poem_test), sum(p.source in poem_sft for p in poems.pairs)))
+        results["sft_pairs"] = {
+            "qa": {o: evaluate_qa(models[f"{o}-sft"], poems, seen, sampler_for("poem", args), args.poem_answer_length)
+                   for o in OBJECTIVES},
+            "plain": {o: evaluate_plain(models[o], "poem", seen, sampler_for("poem", args), style) for o in OBJECTIVES}}
+        results["mdm_infill"] = {k: v for k, v in plain["poem"]["mdm"]["couplet"].items() if k != "text"}
         results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], facts, fact_test, sampler_for("fact", args),
                                               args.fact_answer_length) for o in OBJECTIVES}
         timings["eval_s"] = time.perf_counter() - t0

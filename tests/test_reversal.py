@@ -83,7 +83,15 @@ def test_restatements_keep_each_pair_in_reading_order_and_statements_keep_to_the
         assert pair.first not in text and pair.second not in text
     for pair in data.pairs:
         if pair.source in sft_sources:
-            assert f"{pair.first}的下一句是{pair.second}。" in text and f"{pair.second}的上一句是{pair.first}。" in text
+            assert (f"{pair.first}的下一句是什么？只回答这一句。{pair.second}。" in text
+                    and f"{pair.second}的上一句是什么？只回答这一句。{pair.first}。" in text)
+    plain = "\n".join(statement_documents(data, sft_sources, "plain"))
+    assert all(pair.first not in plain and pair.second not in plain for pair in test)
+    first = next(p for p in data.pairs if p.source in sft_sources)
+    assert f"{first.first}的下一句是{first.second}。" in plain and f"{first.second}的上一句是{first.first}。" in plain
+    facts = statement_documents(capital_set([("France", "Paris"), ("Peru", "Lima")]), {0})
+    assert facts == ["What is the capital of France? Answer with the name only. Paris.\n"
+                     "Which country has the capital Paris? Answer with the name only. France."]
 
 
 def test_holdout_pairs_are_the_test_set(tmp_path):
@@ -147,3 +155,95 @@ def test_infill_and_answers_on_a_model_that_knows_one_couplet(poem_tokenizer):
     sampler = SamplerConfig(gen_length=8, steps=8)
     assert infill_answers(pipe, pairs, "forward", sampler=sampler) == ["疑是地上霜"]
     assert infill_answers(pipe, pairs, "backward", sampler=sampler) == ["床前明月光"]
+
+
+def test_probes_on_a_diffusion_model_that_knows_each_statement(poem_tokenizer):
+    """The table model knows one text at its positions; the probe fills the unknown half of the
+    template wherever it stands (first or last), after the BOS token."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from remask.app.pipeline import Pipeline
+    from remask.eval.reversal import probe_answers
+    from remask.sampling import SamplerConfig
+
+    tok = poem_tokenizer
+
+    class Knows(nn.Module):
+        def __init__(self, text: str):
+            super().__init__()
+            self.target = [tok.bos_id, *tok.encode(text)]
+            self.config = SimpleNamespace(causal=False, max_sequence_length=64, vocab_size=tok.vocab_size)
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, attention_mask=None):
+            self.calls += 1
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            for i in range(min(ids.shape[1], len(self.target))):
+                logits[:, i, self.target[i]] = 5.0
+            return logits
+
+        calls = 0
+
+    pairs = [Pair("白日依山尽", "黄河入海流", 0)]
+    sampler = SamplerConfig(gen_length=8, steps=8)
+    templates = {"forward": "{first}明月{second}。", "backward": "{second}明月{first}。"}
+    for direction, text in (("forward", "白日依山尽明月黄河入海流。"), ("backward", "黄河入海流明月白日依山尽。")):
+        got = probe_answers(Pipeline(Knows(text), tok), pairs, direction, template=templates[direction], sampler=sampler)
+        assert got == [text[7:12]]
+    # the same model on a template whose gold half comes first
+    got = probe_answers(Pipeline(Knows("白日依山尽，黄河入海流。"), tok), pairs, "backward", template="{first}，{second}。",
+                        sampler=sampler)
+    assert got == ["白日依山尽"]
+    # one step per mask by default; the sampler's steps per answer position otherwise (5 masks at 2/8: 1 step)
+    for steps, calls in ((8, 5), (4, 2), (2, 1)):
+        model = Knows("白日依山尽，黄河入海流。")
+        got = probe_answers(Pipeline(model, tok), pairs, "forward", template="{first}，{second}。",
+                            sampler=SamplerConfig(gen_length=8, steps=steps))
+        assert (got, model.calls) == (["黄河入海流"], calls)
+
+
+def test_probes_on_the_ar_twin_equal_uncached_greedy_decoding(ar_model_dir, poem_tokenizer):
+    """Batched, left-padded, KV-cached probing gives each pair the tokens of a plain greedy loop over
+    the whole text (the oracle); a template with the unknown half first cannot be put to it."""
+    from remask.app.pipeline import Pipeline
+    from remask.eval.reversal import probe_answers
+    from remask.sampling import SamplerConfig
+
+    pipe = Pipeline.load(ar_model_dir)
+    tok = poem_tokenizer
+    pairs = [Pair("床前明月光", "疑是地上霜", 0), Pair("千山鸟飞绝", "万径人踪灭", 1), Pair("举头", "低头思故乡", 2)]
+    sampler = SamplerConfig(gen_length=8, steps=8)
+    for direction, template in (("forward", "{first}，{second}。"), ("backward", "{second}明月{first}。")):
+        got = probe_answers(pipe, pairs, direction, template=template, sampler=sampler, batch_size=2)
+        for pair, answer in zip(pairs, got):
+            known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
+            ids = [tok.bos_id, *tok.encode(known + template.split("}")[1].split("{")[0])]
+            for _ in range(len(gold)):
+                with torch.no_grad():
+                    logits = pipe.model(torch.tensor([ids]))
+                ids.append(int(logits[0, -1, :pipe.model.config.vocab_size].argmax()))
+            assert answer == tok.decode(ids[-len(gold):])
+    assert probe_answers(pipe, pairs, "backward", template="{first}，{second}。", sampler=sampler) == [None] * 3
+
+
+def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, capsys):
+    """Each mode reports both directions for each model it can be put to; the statement probe is
+    answered by the AR twin as by the diffusion model, infilling by the diffusion model only."""
+    from remask.app.cli import main
+
+    test = tmp_path / "pairs.jsonl"
+    test.write_text('{"first": "床前明月光", "second": "疑是地上霜"}\n{"first": "白日依山尽", "second": "黄河入海流"}\n')
+    for mode in ("qa", "statement", "plain"):
+        style = ["--statement-style", "plain"] if mode == "plain" else []
+        mode = "statement" if mode == "plain" else mode
+        assert main(["eval", "reversal", "--model", str(model_dir), "--model", str(ar_model_dir), "--test", str(test),
+                     "--mode", mode, *style, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["mode"] == mode
+        rows = list(report["models"].values())
+        assert [r["kind"] for r in rows] == ["diffusion", "autoregressive"]
+        assert all(r["n"] == 2 and 0 <= r["forward"] <= 1 and 0 <= r["backward"] <= 1 for r in rows)
+    assert main(["eval", "reversal", "--model", str(ar_model_dir), "--test", str(test), "--mode", "infill"]) == 2
+    assert "is an AR twin" in capsys.readouterr().err

@@ -273,7 +273,8 @@ REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
 
 def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path,
                   sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
-                  kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill"] = "qa", seed: int = 0,
+                  kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill", "statement"] = "qa",
+                  statement_style: Literal["qa", "plain"] = "qa", seed: int = 0,
                   batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
     """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
 
@@ -284,7 +285,11 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             at --temperature).
         kind: Which questions to ask: poem (X的下一句是什么？/ X的上一句是什么？) or capital.
         mode: qa: ask the questions through the chat template; infill: a base diffusion model fills
-            the masked half next to the known one (no SFT needed).
+            the masked half next to the known one (no SFT needed); statement: a base model of either
+            kind completes the pair's statement as plain text, the form in which
+            benchmarks/reversal.py's pretraining states its SFT pairs (--statement-style).
+        statement_style: The statement of --mode statement: qa, the question followed by its answer
+            ("X的下一句是什么？只回答这一句。Y。"); plain, "X的下一句是Y。" / "Y的上一句是X。".
         seed: Random seed.
         batch_size: Questions answered together.
         device: cpu, cuda or cuda:N.
@@ -297,8 +302,10 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         answer_questions,
         infill_answers,
         load_holdout,
+        probe_answers,
         question,
         score_answers,
+        statements,
     )
 
     check_seed(seed)
@@ -315,6 +322,9 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             golds = [p.second if direction == "forward" else p.first for p in pairs]
             if mode == "infill":
                 answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed)
+            elif mode == "statement":
+                answers = probe_answers(pipe, pairs, direction, template=statements(kind, statement_style)[direction],
+                                        sampler=sampler, seed=seed, batch_size=batch_size)
             else:
                 questions = [question(kind, direction, p)[0] for p in pairs]
                 answers = answer_questions(pipe, questions, sampler=sampler, max_new_tokens=sampler.gen_length,

@@ -103,18 +103,14 @@ def poem_set(poems: Sequence[Poem]) -> ReversalSet:
     return ReversalSet("poem", [p.text() for p in poems], pairs, stats)
 
 
-# Each pair stated as text, either way round: a fact's own document is its forward statement.
-STATEMENTS: dict[str, dict[str, str]] = {
-    "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
-    "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
-}
+CAPITAL_DOCUMENT = "The capital of {first} is {second}."  # a fact's own document: read one way only
 
 
 def capital_set(pairs: Sequence[tuple[str, str]] | None = None) -> ReversalSet:
     """Countries and capitals: each fact a one-sentence document read one way only, so the AR
     twin sees the country before the capital and never the reverse."""
     facts = list(capitals() if pairs is None else pairs)
-    docs = [STATEMENTS["capital"]["forward"].format(first=country, second=capital) for country, capital in facts]
+    docs = [CAPITAL_DOCUMENT.format(first=country, second=capital) for country, capital in facts]
     counts: dict[str, int] = {}
     for country, capital in facts:
         for h in (country, capital):
@@ -164,6 +160,28 @@ QUESTIONS: dict[str, dict[str, str]] = {
 }
 
 
+# Each pair stated as pretraining text, either way round ("mixed training"): "qa", the question
+# followed by its answer, as plain text (the form in which extraction learnt in pretraining carries
+# over to the chat turn after SFT); "plain", a sentence.
+PLAIN_STATEMENTS: dict[str, dict[str, str]] = {
+    "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
+    "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
+}
+StatementStyle = Literal["qa", "plain"]
+
+
+def statements(kind: str, style: StatementStyle = "qa") -> dict[str, str]:
+    """The {first}/{second} templates of a kind's statements, by direction."""
+    if style == "plain":
+        return PLAIN_STATEMENTS[kind]
+    sep, end = ("", "。") if kind == "poem" else (" ", ".")
+    out = {}
+    for d in DIRECTIONS:
+        known, gold = ("{first}", "{second}") if d == "forward" else ("{second}", "{first}")
+        out[d] = QUESTIONS[kind][d].replace("{x}", known) + sep + gold + end
+    return out
+
+
 def question(kind: str, direction: Direction, pair: Pair) -> tuple[str, str]:
     """(question text, gold answer)."""
     known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
@@ -201,16 +219,17 @@ def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
     return out
 
 
-def statement_documents(data: ReversalSet, sources: set[int]) -> list[str]:
-    """Both directions of every pair of `sources` stated as plain pretraining text ("X的下一句是Y。",
-    "Y的上一句是X。"), one document per source: "mixed training" (Allen-Zhu and Li 2023, part 3.1),
-    in which the model meets the relations the questions ask about while it stores the facts.
-    Only SFT documents are passed: a test pair is never stated backwards."""
+def statement_documents(data: ReversalSet, sources: set[int], style: StatementStyle = "qa") -> list[str]:
+    """Both directions of every pair of `sources` stated as pretraining text (`statements`: with "qa",
+    "X的下一句是什么？只回答这一句。Y。"), one document per source: "mixed training" (Allen-Zhu and Li
+    2023, part 3.1), in which the model meets the questions while it stores the facts, and learns
+    to answer them from what it stored. Only SFT documents are passed: a test pair is never stated
+    backwards, and never asked about."""
+    templates = statements(data.kind, style)
     out = []
     for source, pairs in sorted(data.by_source().items()):
         if source in sources:
-            out.append("\n".join(STATEMENTS[data.kind][d].format(first=p.first, second=p.second)
-                                 for p in pairs for d in DIRECTIONS))
+            out.append("\n".join(templates[d].format(first=p.first, second=p.second) for p in pairs for d in DIRECTIONS))
     return out
 
 
@@ -259,28 +278,74 @@ def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerCo
     return out
 
 
+COUPLET = "{first}，{second}。"
+
+
+def probes(kind: str, style: StatementStyle = "qa") -> dict[str, dict[str, str]]:
+    """The plain texts a base model (no SFT) completes, by name and direction ({first}/{second} are
+    the pair's halves): a poem's couplet as it stands, and the statement of either kind."""
+    found = {"couplet": {d: COUPLET for d in DIRECTIONS}} if kind == "poem" else {}
+    return found | {"statement": statements(kind, style)}
+
+
+def probe_steps(sampler: SamplerConfig, n: int) -> int:
+    """Steps for n masks at the sampler's rate of steps per answer position."""
+    return max(1, min(n, round(n * sampler.steps / sampler.gen_length)))
+
+
+def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, template: str,
+                  sampler: SamplerConfig, seed: int = 0, batch_size: int = 32) -> list[str | None]:
+    """A base model (no SFT) completing plain text: `template` with the unknown half left out, after
+    the BOS token. The diffusion model fills n masks in its place (n the gold half's token count,
+    revealed by the sampler's rules); the AR twin decodes n tokens after the text
+    before it (greedy, or sampled at sampler.temperature), so the answer is None where the known half
+    does not come first: a left-to-right model cannot read what follows its answer. The diffusion
+    model takes sampler.steps / sampler.gen_length of a step per mask (one each by default)."""
+    tok = pipe.tokenizer
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    gold_field, known_field = ("second", "first") if direction == "forward" else ("first", "second")
+    rows = []
+    for pair in pairs:
+        known, gold = getattr(pair, known_field), getattr(pair, gold_field)
+        before, after = template.format(**{known_field: known, gold_field: "\0"}).split("\0")
+        rows.append((bos + tok.encode(before), len(tok.encode(gold)), tok.encode(after), known in before))
+    if pipe.model.config.causal:
+        out: list[str | None] = [None] * len(rows)
+        ask = [i for i, row in enumerate(rows) if row[3]]
+        for start in range(0, len(ask), batch_size):
+            chunk = ask[start:start + batch_size]
+            ids, attention = left_pad([rows[i][0] for i in chunk], tok.pad_id, pipe.device)
+            generator = torch.Generator(device=pipe.device).manual_seed(seed + start)
+            x, _ = ar_generate_cached(pipe.model, ids, max(rows[i][1] for i in chunk),
+                                      vocab_size=pipe.model.config.vocab_size, attention_mask=attention,
+                                      temperature=sampler.temperature, generator=generator)
+            for i, row in zip(chunk, x[:, ids.shape[1]:].tolist()):
+                out[i] = tok.decode(row[:rows[i][1]])
+        return out
+    out = []
+    for i, (before, n, after, _) in enumerate(rows):
+        generator = torch.Generator(device=pipe.device).manual_seed(seed + i)
+        x = fill_masks(pipe.model_fn, torch.tensor([before + [tok.mask_id] * n + after], device=pipe.device),
+                       sampler.replace(steps=probe_steps(sampler, n), gen_length=n, block_length=None), mask_id=tok.mask_id,
+                       generator=generator)
+        out.append(tok.decode(x[0, len(before):len(before) + n].tolist()))
+    return out
+
+
 def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, sampler: SamplerConfig,
                    seed: int = 0) -> list[str]:
     """The base diffusion model without SFT: `X，[M]*n。` (forward) or `[M]*n，Y。` (backward), n the
     gold half's length, after the BOS token; the masks are revealed by the sampler's rules."""
-    tok, out = pipe.tokenizer, []
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    for i, pair in enumerate(pairs):
-        known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
-        masks = [tok.mask_id] * len(tok.encode(gold))
-        known_ids, comma, stop = tok.encode(known), tok.encode("，"), tok.encode("。")
-        ids = bos + (known_ids + comma + masks + stop if direction == "forward" else masks + comma + known_ids + stop)
-        generator = torch.Generator(device=pipe.device).manual_seed(seed + i)
-        x = fill_masks(pipe.model_fn, torch.tensor([ids], device=pipe.device),
-                       sampler.replace(steps=len(masks), gen_length=len(masks), block_length=None),
-                       mask_id=tok.mask_id, generator=generator)
-        start = len(bos) + (len(known_ids) + len(comma) if direction == "forward" else 0)
-        out.append(tok.decode(x[0, start:start + len(masks)].tolist()))
-    return out
+    if pipe.model.config.causal:
+        raise RemaskError("infilling needs a diffusion model; an AR twin continues text (probe_answers)")
+    return probe_answers(pipe, pairs, direction, template=COUPLET,
+                         sampler=sampler, seed=seed)
 
 
-def score_answers(answers: list[str], golds: list[str]) -> dict:
-    """Contains (the paper's criterion) and exact match, as fractions."""
+def score_answers(answers: list[str | None], golds: list[str]) -> dict:
+    """Contains (the paper's criterion) and exact match, as fractions; a None answer (the question
+    cannot be put to this model) scores as wrong."""
+    answers = [a if a is not None else "" for a in answers]
     n = len(golds)
     contains = sum(g in a for a, g in zip(answers, golds))
     exact = sum(a.strip().rstrip("。，？！.") == g for a, g in zip(answers, golds))
