@@ -8,18 +8,23 @@ about part of them, and tested on the rest, which they saw in pretraining only.
   Tang poems), `--fact-count` country -> capital facts, one sentence each (country first), and
   the file's `--long-poems` longest poems `--long-repeat` times (for benchmarks/sampling.py's
   memorised continuations; never in the reversal sets); `--restatements` more renderings of each
-  poem (its couplets reordered) and fact (other words), every pair still first half first; with
-  `--statements`, the SFT documents' pairs stated both ways ("mixed training"); the corpus cut at a
-  new offset every epoch (`--packing shift`); the twins trained side by side (`--jobs 2`);
+  poem (its couplets reordered) and fact (other words), every pair still first half first; the
+  SFT documents' pairs stated both ways ("mixed training", `--statements plain|qa|none`); the corpus
+  cut at a new offset every epoch (`--packing shift`); the twins trained side by side (`--jobs 2`);
 - SFT: `X的下一句是什么？` / `X的上一句是什么？` (and "What is the capital of X?" / "Which country has the
   capital Y?") for the pairs of the SFT documents, both directions;
 - test: the pairs of the held-out documents (or `--holdout` pairs: their poems are held out),
   both directions; an answer counts when it contains the gold half-line (exact match too);
-  also the base diffusion model by plain infilling (`X，[M]*n。` / `[M]*n，Y。`), no SFT;
+  also the base models completing plain text, no SFT: the diffusion model infilling the couplet
+  (`X，[M]*n。` / `[M]*n，Y。`), the AR twin continuing it (forwards only), and both completing the
+  pair's statement (`X的下一句是` / `Y的上一句是`, for the test pairs never stated in pretraining);
+  the same measures on as many pairs of the SFT poems, for contrast;
 - ablations (`--parts ablations`): forward/backward accuracy of the SFT'd diffusion model against
-  sampling steps, remasking, block length, guidance scale and answer length.
+  sampling steps, remasking, block length, guidance scale and answer length; of the base diffusion
+  model's infilling against steps and remasking.
 
-Models are kept under `--out` (default runs/reversal/) and reused when their recipe is unchanged,
+Models are kept under `--out` (default runs/reversal/) and reused when their recipe, data and base
+weights are unchanged (the timing then reports the seconds they took to train),
 with the corpus, the SFT dialogues and the test pairs (test_pairs.jsonl, in `--holdout`'s format).
 Writes benchmarks/results/reversal.json (and reversal_ablations.json + PNGs with --parts ablations).
 """
@@ -296,9 +301,9 @@ def main() -> None:
                     help="how pretraining cuts the corpus (shift: at a new offset every epoch, so that the models "
                          "learn the lines apart from the chunk they fell in)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--pretrain-steps", type=int, default=2800)
+    ap.add_argument("--pretrain-steps", type=int, default=3600)
     ap.add_argument("--sft-lr", type=float, default=5e-4)
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--sft-batch-size", type=int, default=16)
     ap.add_argument("--poem-answer-length", type=int, default=16)
     ap.add_argument("--fact-answer-length", type=int, default=32)
