@@ -376,7 +376,7 @@ def main() -> None:
         for objective in OBJECTIVES:
             results[objective] = evaluate_qa(models[f"{objective}-sft"], poems, poem_test, sampler_for("poem", args),
                                              args.poem_answer_length)
-        style = "plain" if args.statements == "plain" else "qa"
+        style = "qa" if args.statements == "qa" else "plain"  # the probes ask in the statements' form
         plain = {kind: {o: evaluate_plain(models[o], kind, pairs, sampler_for(kind, args), style) for o in OBJECTIVES}
                  for kind, pairs in (("poem", poem_test), ("capital", fact_test))}
         results["plain"] = plain

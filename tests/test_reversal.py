@@ -78,18 +78,18 @@ def test_restatements_keep_each_pair_in_reading_order_and_statements_keep_to_the
     facts = capital_set([("France", "Paris"), ("Peru", "Lima")])
     for doc, (country, capital) in zip(restatements(facts, 1, seed=0), [("France", "Paris"), ("Peru", "Lima")]):
         assert doc.index(country) < doc.index(capital)  # never the capital before its country
-    text = "\n".join(statement_documents(data, sft_sources))
+    text = "\n".join(statement_documents(data, sft_sources, "qa"))
     for pair in test:
         assert pair.first not in text and pair.second not in text
     for pair in data.pairs:
         if pair.source in sft_sources:
             assert (f"{pair.first}的下一句是什么？只回答这一句。{pair.second}。" in text
                     and f"{pair.second}的上一句是什么？只回答这一句。{pair.first}。" in text)
-    plain = "\n".join(statement_documents(data, sft_sources, "plain"))
+    plain = "\n".join(statement_documents(data, sft_sources))  # the default
     assert all(pair.first not in plain and pair.second not in plain for pair in test)
     first = next(p for p in data.pairs if p.source in sft_sources)
     assert f"{first.first}的下一句是{first.second}。" in plain and f"{first.second}的上一句是{first.first}。" in plain
-    facts = statement_documents(capital_set([("France", "Paris"), ("Peru", "Lima")]), {0})
+    facts = statement_documents(capital_set([("France", "Paris"), ("Peru", "Lima")]), {0}, "qa")
     assert facts == ["What is the capital of France? Answer with the name only. Paris.\n"
                      "Which country has the capital Paris? Answer with the name only. France."]
 
@@ -235,13 +235,11 @@ def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, c
 
     test = tmp_path / "pairs.jsonl"
     test.write_text('{"first": "床前明月光", "second": "疑是地上霜"}\n{"first": "白日依山尽", "second": "黄河入海流"}\n')
-    for mode in ("qa", "statement", "plain"):
-        style = ["--statement-style", "plain"] if mode == "plain" else []
-        mode = "statement" if mode == "plain" else mode
+    for options in (["--mode", "qa"], ["--mode", "statement"], ["--mode", "statement", "--statement-style", "qa"]):
         assert main(["eval", "reversal", "--model", str(model_dir), "--model", str(ar_model_dir), "--test", str(test),
-                     "--mode", mode, *style, "--json"]) == 0
+                     *options, "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["mode"] == mode
+        assert report["mode"] == options[1]
         rows = list(report["models"].values())
         assert [r["kind"] for r in rows] == ["diffusion", "autoregressive"]
         assert all(r["n"] == 2 and 0 <= r["forward"] <= 1 and 0 <= r["backward"] <= 1 for r in rows)

@@ -274,7 +274,7 @@ REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
 def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path,
                   sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
                   kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill", "statement"] = "qa",
-                  statement_style: Literal["qa", "plain"] = "qa", seed: int = 0,
+                  statement_style: Literal["plain", "qa"] = "plain", seed: int = 0,
                   batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
     """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
 
@@ -288,8 +288,8 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             the masked half next to the known one (no SFT needed); statement: a base model of either
             kind completes the pair's statement as plain text, the form in which
             benchmarks/reversal.py's pretraining states its SFT pairs (--statement-style).
-        statement_style: The statement of --mode statement: qa, the question followed by its answer
-            ("X的下一句是什么？只回答这一句。Y。"); plain, "X的下一句是Y。" / "Y的上一句是X。".
+        statement_style: The statement of --mode statement: plain, "X的下一句是Y。" / "Y的上一句是X。";
+            qa, the question followed by its answer ("X的下一句是什么？只回答这一句。Y。").
         seed: Random seed.
         batch_size: Questions answered together.
         device: cpu, cuda or cuda:N.

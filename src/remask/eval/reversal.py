@@ -160,9 +160,10 @@ QUESTIONS: dict[str, dict[str, str]] = {
 }
 
 
-# Each pair stated as pretraining text, either way round ("mixed training"): "qa", the question
-# followed by its answer, as plain text (the form in which extraction learnt in pretraining carries
-# over to the chat turn after SFT); "plain", a sentence.
+# Each pair stated as pretraining text, either way round ("mixed training"): "plain", a sentence;
+# "qa", the question followed by its answer as plain text, so that the chat turn after SFT meets a
+# familiar form (in the benchmark the AR twin learnt to apply the plain statements to pairs never
+# stated, 0.73 forwards by step 900, and the question form not at all by then).
 PLAIN_STATEMENTS: dict[str, dict[str, str]] = {
     "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
     "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
@@ -170,7 +171,7 @@ PLAIN_STATEMENTS: dict[str, dict[str, str]] = {
 StatementStyle = Literal["qa", "plain"]
 
 
-def statements(kind: str, style: StatementStyle = "qa") -> dict[str, str]:
+def statements(kind: str, style: StatementStyle = "plain") -> dict[str, str]:
     """The {first}/{second} templates of a kind's statements, by direction."""
     if style == "plain":
         return PLAIN_STATEMENTS[kind]
@@ -219,12 +220,12 @@ def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
     return out
 
 
-def statement_documents(data: ReversalSet, sources: set[int], style: StatementStyle = "qa") -> list[str]:
-    """Both directions of every pair of `sources` stated as pretraining text (`statements`: with "qa",
-    "X的下一句是什么？只回答这一句。Y。"), one document per source: "mixed training" (Allen-Zhu and Li
-    2023, part 3.1), in which the model meets the questions while it stores the facts, and learns
-    to answer them from what it stored. Only SFT documents are passed: a test pair is never stated
-    backwards, and never asked about."""
+def statement_documents(data: ReversalSet, sources: set[int], style: StatementStyle = "plain") -> list[str]:
+    """Both directions of every pair of `sources` stated as pretraining text (`statements`: "X的下一句是Y。"
+    and "Y的上一句是X。", or with "qa" "X的下一句是什么？只回答这一句。Y。"), one document per source:
+    "mixed training" (Allen-Zhu and Li 2023, part 3.1), in which the model meets the relations the
+    questions ask about while it stores the facts, and can learn to apply them to what it stored.
+    Only SFT documents are passed: a test pair is never stated backwards, and never asked about."""
     templates = statements(data.kind, style)
     out = []
     for source, pairs in sorted(data.by_source().items()):
@@ -281,7 +282,7 @@ def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerCo
 COUPLET = "{first}，{second}。"
 
 
-def probes(kind: str, style: StatementStyle = "qa") -> dict[str, dict[str, str]]:
+def probes(kind: str, style: StatementStyle = "plain") -> dict[str, dict[str, str]]:
     """The plain texts a base model (no SFT) completes, by name and direction ({first}/{second} are
     the pair's halves): a poem's couplet as it stands, and the statement of either kind."""
     found = {"couplet": {d: COUPLET for d in DIRECTIONS}} if kind == "poem" else {}
@@ -297,10 +298,10 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
                   sampler: SamplerConfig, seed: int = 0, batch_size: int = 32) -> list[str | None]:
     """A base model (no SFT) completing plain text: `template` with the unknown half left out, after
     the BOS token. The diffusion model fills n masks in its place (n the gold half's token count,
-    revealed by the sampler's rules); the AR twin decodes n tokens after the text
-    before it (greedy, or sampled at sampler.temperature), so the answer is None where the known half
-    does not come first: a left-to-right model cannot read what follows its answer. The diffusion
-    model takes sampler.steps / sampler.gen_length of a step per mask (one each by default)."""
+    revealed by the sampler's rules at sampler.steps / sampler.gen_length steps per mask, one each
+    by default); the AR twin decodes n tokens after the text before it (greedy, or sampled at
+    sampler.temperature), so the answer is None where the known half does not come first: a
+    left-to-right model cannot read what follows its answer."""
     tok = pipe.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else []
     gold_field, known_field = ("second", "first") if direction == "forward" else ("first", "second")
@@ -338,8 +339,7 @@ def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, s
     gold half's length, after the BOS token; the masks are revealed by the sampler's rules."""
     if pipe.model.config.causal:
         raise RemaskError("infilling needs a diffusion model; an AR twin continues text (probe_answers)")
-    return probe_answers(pipe, pairs, direction, template=COUPLET,
-                         sampler=sampler, seed=seed)
+    return probe_answers(pipe, pairs, direction, template=COUPLET, sampler=sampler, seed=seed)
 
 
 def score_answers(answers: list[str | None], golds: list[str]) -> dict:
