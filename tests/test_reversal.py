@@ -116,6 +116,8 @@ def test_questions_and_scoring():
     assert question("poem", "backward", pair) == ("黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
     scored = score_answers(["黄河入海流", "是黄河入海流。", "黄河"], ["黄河入海流"] * 3)
     assert scored == {"accuracy": 2 / 3, "exact": 1 / 3, "n": 3}
+    # a question that cannot be put to the model is no score at all, not a wrong answer
+    assert score_answers([None, "黄河入海流"], ["黄河入海流"] * 2) == {"accuracy": None, "exact": None, "n": 2}
 
 
 def test_capital_facts_are_read_one_way():

@@ -319,7 +319,7 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             raise RemaskError(f"{directory} is an AR twin: infilling needs a diffusion model (use --mode qa)")
         row = {"kind": "autoregressive" if pipe.model.config.causal else "diffusion"}
         for direction in DIRECTIONS:
-            golds = [p.second if direction == "forward" else p.first for p in pairs]
+            golds = [p.halves(direction)[1] for p in pairs]
             if mode == "infill":
                 answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed)
             elif mode == "statement":

@@ -43,6 +43,10 @@ class Pair:
     second: str
     source: int  # the document (poem, fact) it comes from
 
+    def halves(self, direction: Direction) -> tuple[str, str]:
+        """(the known half, the half asked for) of a question in `direction`."""
+        return (self.first, self.second) if direction == "forward" else (self.second, self.first)
+
 
 @dataclass
 class ReversalSet:
@@ -185,7 +189,7 @@ def statements(kind: str, style: StatementStyle = "plain") -> dict[str, str]:
 
 def question(kind: str, direction: Direction, pair: Pair) -> tuple[str, str]:
     """(question text, gold answer)."""
-    known, gold = (pair.first, pair.second) if direction == "forward" else (pair.second, pair.first)
+    known, gold = pair.halves(direction)
     return QUESTIONS[kind][direction].format(x=known), gold
 
 
@@ -304,11 +308,11 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     left-to-right model cannot read what follows its answer."""
     tok = pipe.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else []
-    gold_field, known_field = ("second", "first") if direction == "forward" else ("first", "second")
     rows = []
     for pair in pairs:
-        known, gold = getattr(pair, known_field), getattr(pair, gold_field)
-        before, after = template.format(**{known_field: known, gold_field: "\0"}).split("\0")
+        known, gold = pair.halves(direction)
+        halves = {"first": pair.first, "second": pair.second} | {"second" if direction == "forward" else "first": "\0"}
+        before, after = template.format(**halves).split("\0")
         rows.append((bos + tok.encode(before), len(tok.encode(gold)), tok.encode(after), known in before))
     if pipe.model.config.causal:
         out: list[str | None] = [None] * len(rows)
@@ -343,10 +347,11 @@ def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, s
 
 
 def score_answers(answers: list[str | None], golds: list[str]) -> dict:
-    """Contains (the paper's criterion) and exact match, as fractions; a None answer (the question
-    cannot be put to this model) scores as wrong."""
-    answers = [a if a is not None else "" for a in answers]
+    """Contains (the paper's criterion) and exact match, as fractions; both None where an answer is
+    None (the question cannot be put to this model: `probe_answers`)."""
     n = len(golds)
+    if None in answers:
+        return {"accuracy": None, "exact": None, "n": n}
     contains = sum(g in a for a, g in zip(answers, golds))
     exact = sum(a.strip().rstrip("。，？！.") == g for a, g in zip(answers, golds))
     return {"accuracy": contains / n if n else 0.0, "exact": exact / n if n else 0.0, "n": n}
