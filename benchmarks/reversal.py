@@ -16,12 +16,14 @@ about part of them, and tested on the rest, which they saw in pretraining only.
 - test: the pairs of the held-out documents (or `--holdout` pairs: their poems are held out),
   both directions; an answer counts when it contains the gold half-line (exact match too);
   also the base models completing plain text, no SFT: the diffusion model infilling the couplet
-  (`X，[M]*n。` / `[M]*n，Y。`), the AR twin continuing it (forwards only), and both completing the
-  pair's statement (`X的下一句是` / `Y的上一句是`, for the test pairs never stated in pretraining);
+  (`X，[M]*n。` / `[M]*n，Y。`; for a fact, its own sentence), the AR twin continuing it (forwards
+  only), and both completing the pair's statement (`X的下一句是` / `Y的上一句是`, for the test pairs
+  never stated in pretraining); the diffusion model reads each probe in a window of masks of its
+  pretraining length (`--probe-window`), as it never read a shorter sequence;
   the same measures on as many pairs of the SFT poems, for contrast;
 - ablations (`--parts ablations`): forward/backward accuracy of the SFT'd diffusion model against
   sampling steps, remasking, block length, guidance scale and answer length; of the base diffusion
-  model's infilling against steps and remasking.
+  model's infilling against steps, remasking and the probe's window.
 
 Models are kept under `--out` (default runs/reversal/) and reused when their recipe, data and base
 weights are unchanged (the timing then reports the seconds they took to train),
@@ -195,11 +197,12 @@ def evaluate_qa(model_dir: Path, data: ReversalSet, pairs, sampler: SamplerConfi
     return out
 
 
-def evaluate_plain(model_dir: Path, kind: str, pairs, sampler: SamplerConfig, style: str,
+def evaluate_plain(model_dir: Path, kind: str, pairs, sampler: SamplerConfig, style: str, window: int,
                    only: tuple[str, ...] | None = None) -> dict:
-    """A base model (no SFT) completing each of the kind's plain-text probes (`probes`: the statement
-    in pretraining's style; those named in `only`) in both directions; None where the probe cannot be put to it (the AR
-    twin, the unknown half first)."""
+    """A base model (no SFT) completing each of the kind's plain-text probes (`probes`: the pair as
+    pretraining reads it, and the statement in pretraining's style; those named in `only`) in both
+    directions, the diffusion model in a `window` of masks (0: none); None where the probe cannot
+    be put to it (the AR twin, the unknown half first)."""
     pipe = Pipeline.load(model_dir)
     out = {}
     for probe, templates in probes(kind, style).items():
@@ -207,41 +210,48 @@ def evaluate_plain(model_dir: Path, kind: str, pairs, sampler: SamplerConfig, st
             continue
         row = {}
         for direction in DIRECTIONS:
-            answers = probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler)
+            answers = probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler,
+                                    window=window)
             scored = score_answers(answers, [p.halves(direction)[1] for p in pairs])
             row[direction], row[f"{direction}_exact"] = scored["accuracy"], scored["exact"]
-        out[probe] = row | {"n": len(pairs), "text": templates}
+        out[probe] = row | {"n": len(pairs), "text": templates, "window": None if pipe.model.config.causal else window}
     return out
 
 
 def ablations(args, models: dict, poems: ReversalSet, test) -> dict:
     """Test-pair accuracy against one sampler setting at a time: the SFT'd diffusion model asked the
     questions ("qa": steps, remasking, block length, guidance scale, answer length), and the base
-    diffusion model's plain infilling ("infill": steps per masked position, remasking; blocks,
-    guidance and answer length do not apply to a fixed span)."""
+    diffusion model's plain infilling ("infill": steps per masked position, remasking, and the
+    window of masks it reads the couplet in; blocks, guidance and answer length do not apply to a
+    fixed span)."""
     base = sampler_for("poem", args)
-    L = base.gen_length
+    L, W = base.gen_length, args.probe_window
     steps = [base.replace(steps=s) for s in sorted({max(1, L // 4), max(1, L // 2), L})]
     remasking = [base.replace(remasking=r) for r in ("low_confidence", "random", "margin", "entropy")]
+    # each axis: (value shown, sampler, window of the infilling)
     grids = {
         "qa": {
-            "steps": steps, "remasking": remasking,
-            "block_length": [base.replace(block_length=b, steps=L) for b in (2, 4, L // 2, L) if L % b == 0],
-            "cfg_scale": [base.replace(cfg_scale=w) for w in (0.0, 0.5, 1.0, 2.0)],
-            "gen_length": [base.replace(gen_length=g, steps=g) for g in (L, 2 * L, 4 * L)],
+            "steps": [(s.steps, s, W) for s in steps],
+            "remasking": [(s.remasking, s, W) for s in remasking],
+            "block_length": [(b, base.replace(block_length=b, steps=L), W) for b in (2, 4, L // 2, L) if L % b == 0],
+            "cfg_scale": [(w, base.replace(cfg_scale=w), W) for w in (0.0, 0.5, 1.0, 2.0)],
+            "gen_length": [(g, base.replace(gen_length=g, steps=g), W) for g in (L, 2 * L, 4 * L)],
         },
-        "infill": {"steps": steps, "remasking": remasking},
+        "infill": {
+            "steps": [(f"{s.steps}/{L}", s, W) for s in steps],  # per masked position
+            "remasking": [(s.remasking, s, W) for s in remasking],
+            "window": [(w, base, w) for w in sorted({0, 32, 64, W})],
+        },
     }
     out: dict = {}
     for group, grid in grids.items():
-        for name, samplers in grid.items():
+        for name, settings in grid.items():
             rows = []
-            for s in samplers:
+            for value, s, window in settings:
                 if group == "qa":
                     r = evaluate_qa(models["mdm-sft"], poems, test, s, args.poem_answer_length)
                 else:
-                    r = evaluate_plain(models["mdm"], "poem", test, s, "plain", only=("couplet",))["couplet"]
-                value = f"{s.steps}/{L}" if (group, name) == ("infill", "steps") else getattr(s, name)  # per position
+                    r = evaluate_plain(models["mdm"], "poem", test, s, "plain", window, only=("couplet",))["couplet"]
                 rows.append({"value": value, "forward": r["forward"], "backward": r["backward"], "n": r["n"]})
             out.setdefault(group, {})[name] = rows
     return out
@@ -295,6 +305,9 @@ def main() -> None:
                          "(qa: each question followed by its answer, as plain text; plain: X的下一句是Y。)")
     ap.add_argument("--decay-fraction", type=float, default=0.3, help="pretraining's final learning-rate decay share")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--probe-window", type=int, default=None,
+                    help="the diffusion model's plain-text probes read the text followed by masks up to this many "
+                         "tokens, never revealed (default: --seq-len, the length it was pretrained on; 0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--packing", choices=["concat", "shift", "pad"], default="shift",
                     help="how pretraining cuts the corpus (shift: at a new offset every epoch, so that the models "
@@ -311,6 +324,9 @@ def main() -> None:
     ap.add_argument("--t-sampling", choices=["uniform", "stratified"], default="stratified",
                     help="the diffusion model's training times (stratified: lower-variance, still unbiased)")
     args = ap.parse_args()
+    args.probe_window = args.seq_len if args.probe_window is None else args.probe_window
+    if args.probe_window < 0:
+        ap.error("--probe-window must be 0 or more")
     started = time.perf_counter()
     timings = {}
 
@@ -377,7 +393,8 @@ def main() -> None:
             results[objective] = evaluate_qa(models[f"{objective}-sft"], poems, poem_test, sampler_for("poem", args),
                                              args.poem_answer_length)
         style = "qa" if args.statements == "qa" else "plain"  # the probes ask in the statements' form
-        plain = {kind: {o: evaluate_plain(models[o], kind, pairs, sampler_for(kind, args), style) for o in OBJECTIVES}
+        plain = {kind: {o: evaluate_plain(models[o], kind, pairs, sampler_for(kind, args), style, args.probe_window)
+                        for o in OBJECTIVES}
                  for kind, pairs in (("poem", poem_test), ("capital", fact_test))}
         results["plain"] = plain
         # the same measures on pairs of the SFT poems, which pretraining states both ways and SFT asks
@@ -387,7 +404,8 @@ def main() -> None:
         results["sft_pairs"] = {
             "qa": {o: evaluate_qa(models[f"{o}-sft"], poems, seen, sampler_for("poem", args), args.poem_answer_length)
                    for o in OBJECTIVES},
-            "plain": {o: evaluate_plain(models[o], "poem", seen, sampler_for("poem", args), style) for o in OBJECTIVES}}
+            "plain": {o: evaluate_plain(models[o], "poem", seen, sampler_for("poem", args), style, args.probe_window)
+                      for o in OBJECTIVES}}
         results["mdm_infill"] = {k: v for k, v in plain["poem"]["mdm"]["couplet"].items() if k != "text"}
         results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], facts, fact_test, sampler_for("fact", args),
                                               args.fact_answer_length) for o in OBJECTIVES}

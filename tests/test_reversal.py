@@ -4,6 +4,7 @@ format's variations), seeded splits, SFT data that never holds a test poem, answ
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -206,6 +207,55 @@ def test_probes_on_a_diffusion_model_that_knows_each_statement(poem_tokenizer):
         assert (got, model.calls) == (["黄河入海流"], calls)
 
 
+def test_a_probe_in_a_window_reads_the_training_length_and_reveals_only_the_answer(poem_tokenizer):
+    """A table model that knows its text only in sequences of its training length (32), as a
+    bidirectional model trained on full windows only: without `window` it answers wrongly; with it,
+    every call sees 32 positions, the masks after the text stay masks at every step, and only the
+    answer's positions are revealed (one call per answer mask)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from remask.app.pipeline import Pipeline
+    from remask.eval.reversal import probe_answers
+    from remask.sampling import SamplerConfig
+
+    tok = poem_tokenizer
+    text = "白日依山尽，黄河入海流。"
+    target = [tok.bos_id, *tok.encode(text)]
+    wrong = tok.encode("明")[0]
+
+    class KnowsAtLength(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(causal=False, max_sequence_length=64, vocab_size=tok.vocab_size)
+            self.anchor = nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, ids, attention_mask=None):
+            self.seen.append(ids.clone())
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            logits[..., wrong] = 5.0
+            if ids.shape[1] == 32:
+                logits[:, :len(target)] = 0.0
+                for i, t in enumerate(target):
+                    logits[:, i, t] = 5.0
+            return logits
+
+    pairs = [Pair("白日依山尽", "黄河入海流", 0)]
+    sampler = SamplerConfig(gen_length=8, steps=8)
+    for direction in ("forward", "backward"):
+        gold = pairs[0].halves(direction)[1]
+        short = probe_answers(Pipeline(KnowsAtLength(), tok), pairs, direction, template="{first}，{second}。",
+                              sampler=sampler)
+        assert short == ["明" * 5]
+        model = KnowsAtLength()
+        got = probe_answers(Pipeline(model, tok), pairs, direction, template="{first}，{second}。", sampler=sampler,
+                            window=32)
+        assert got == [gold] and len(model.seen) == 5
+        assert all(x.shape == (1, 32) and (x[0, len(target):] == tok.mask_id).all() for x in model.seen)
+
+
 def test_probes_on_the_ar_twin_equal_uncached_greedy_decoding(ar_model_dir, poem_tokenizer):
     """Batched, left-padded, KV-cached probing gives each pair the tokens of a plain greedy loop over
     the whole text (the oracle); a template with the unknown half first cannot be put to it."""
@@ -247,3 +297,17 @@ def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, c
         assert all(r["n"] == 2 and 0 <= r["forward"] <= 1 and 0 <= r["backward"] <= 1 for r in rows)
     assert main(["eval", "reversal", "--model", str(ar_model_dir), "--test", str(test), "--mode", "infill"]) == 2
     assert "is an AR twin" in capsys.readouterr().err
+    # infilling in the window of the pretraining length its training note records; none without a note
+    noted = tmp_path / "noted"
+    shutil.copytree(model_dir, noted)
+    (noted / "remask_training.json").write_text('{"step": 3, "seq_len": 24}')
+    for options, window in (([], 24), (["--window", "0"], 0), (["--kind", "capital"], 24)):
+        assert main(["eval", "reversal", "--model", str(noted), "--test", str(test), "--mode", "infill", *options,
+                     "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["models"].values()
+        assert row["window"] == window and row["n"] == 2
+    assert main(["eval", "reversal", "--model", str(model_dir), "--test", str(test), "--mode", "infill", "--json"]) == 0
+    assert [r["window"] for r in json.loads(capsys.readouterr().out)["models"].values()] == [None]
+    assert main(["eval", "reversal", "--model", str(noted), "--test", str(test), "--mode", "infill",
+                 "--window", "-1"]) == 2
+    assert "--window must be 0 or more" in capsys.readouterr().err

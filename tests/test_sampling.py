@@ -519,3 +519,25 @@ def test_answers_ended_by_hand():
                       [9, 1, 2, 2],   # not: no EOS
                       [9, E, M, M]])  # ended at once
     assert answers_ended(x, 1, torch.tensor([E]), M).tolist() == [True, False, False, True]
+
+
+def test_fill_masks_in_a_region_leaves_the_other_masks_as_context(model, prompt):
+    """Oracle: a hand loop that, once per step, reveals the single most confident masked position
+    inside the region (greedy, mask token excluded) on the full sequence, padding masks included."""
+    x = torch.cat([prompt, torch.full((2, 5), MASK_ID), prompt[:, :2], torch.full((2, 7), MASK_ID)], dim=1)
+    region = slice(P, P + 5)
+    out = fill_masks(fn(model), x, SamplerConfig(gen_length=5, steps=5), mask_id=MASK_ID, region=region)
+    ref = x.clone()
+    with torch.no_grad():
+        for _ in range(5):
+            probs = fn(model)(ref, None).double().softmax(-1)
+            probs[..., MASK_ID] = 0
+            conf, best = probs.max(-1)
+            conf[:, :P] = conf[:, P + 5:] = -1
+            conf[ref != MASK_ID] = -1
+            j = conf.argmax(1)
+            rows = torch.arange(2)
+            ref[rows, j] = best[rows, j]
+    assert torch.equal(out, ref)
+    assert (out[:, P + 7:] == MASK_ID).all() and not (out[:, region] == MASK_ID).any()
+    assert torch.equal(out[:, :P], prompt)

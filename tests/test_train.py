@@ -413,6 +413,6 @@ def test_final_can_hold_the_best_validation_checkpoint(corpus, tmp_path):
     last = pretrain(tiny_cfg(corpus, tmp_path / "last", max_steps=12, val_every=3, save_every=3, lr=3e-2,
                              final="last"))
     note = json.loads((last / "remask_training.json").read_text())
-    assert (note["step"], note["kept"]) == (12, "last")
+    assert (note["step"], note["kept"], note["seq_len"]) == (12, "last", 32)
     assert note["val_loss"] == [r["val_loss"] for r in metrics(tmp_path / "last") if r.get("step") == 12][-1]
     assert f"step 12 (the last step, validation bound {note['val_loss']:.3f}" in kept_message(last)

@@ -274,7 +274,7 @@ REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
 def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path,
                   sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
                   kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill", "statement"] = "qa",
-                  statement_style: Literal["plain", "qa"] = "plain", seed: int = 0,
+                  statement_style: Literal["plain", "qa"] = "plain", window: int | None = None, seed: int = 0,
                   batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
     """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
 
@@ -290,6 +290,10 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             benchmarks/reversal.py's pretraining states its SFT pairs (--statement-style).
         statement_style: The statement of --mode statement: plain, "X的下一句是Y。" / "Y的上一句是X。";
             qa, the question followed by its answer ("X的下一句是什么？只回答这一句。Y。").
+        window: --mode infill and statement, diffusion models: the text is followed by masks up to this
+            many tokens, never revealed (the unknown text after it), so the model reads a sequence of
+            the length it was pretrained on. Default: that length, from the model's
+            remask_training.json (none recorded: no padding); 0: no padding.
         seed: Random seed.
         batch_size: Questions answered together.
         device: cpu, cuda or cuda:N.
@@ -307,10 +311,13 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         score_answers,
         statements,
     )
+    from remask.train.loop import trained_seq_len
 
     check_seed(seed)
     if not model:
         raise RemaskError("give at least one --model DIR")
+    if window is not None and window < 0:
+        raise RemaskError(f"--window must be 0 or more, got {window}")
     pairs = [Pair(a, b, i) for i, (a, b) in enumerate(load_holdout(test))]
     report: dict = {"test": str(test), "kind": kind, "mode": mode, "sampler": sampler.to_dict(), "models": {}}
     for directory in model:
@@ -318,13 +325,16 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         if mode == "infill" and pipe.model.config.causal:
             raise RemaskError(f"{directory} is an AR twin: infilling needs a diffusion model (use --mode qa)")
         row = {"kind": "autoregressive" if pipe.model.config.causal else "diffusion"}
+        if mode != "qa" and not pipe.model.config.causal:
+            row["window"] = trained_seq_len(directory) if window is None else window
         for direction in DIRECTIONS:
             golds = [p.halves(direction)[1] for p in pairs]
             if mode == "infill":
-                answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed)
+                answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed, window=row["window"],
+                                         kind=kind)
             elif mode == "statement":
                 answers = probe_answers(pipe, pairs, direction, template=statements(kind, statement_style)[direction],
-                                        sampler=sampler, seed=seed, batch_size=batch_size)
+                                        sampler=sampler, seed=seed, batch_size=batch_size, window=row.get("window"))
             else:
                 questions = [question(kind, direction, p)[0] for p in pairs]
                 answers = answer_questions(pipe, questions, sampler=sampler, max_new_tokens=sampler.gen_length,

@@ -3,7 +3,6 @@ two CPU cores), then let it write poems, showing the denoising as it happens."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -82,13 +81,12 @@ def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: i
 
 def kept_message(final: Path) -> str:
     """Which training step final/ holds (run.final: the last step, or the best validation bound)."""
-    from remask.train.loop import TRAINING_NOTE
+    from remask.train.loop import read_training_note
 
-    try:
-        note = json.loads((final / TRAINING_NOTE).read_text(encoding="utf-8"))
-        step, val, last = note["step"], note.get("val_loss"), note.get("max_steps")
-    except (OSError, ValueError, KeyError, TypeError):
+    note = read_training_note(final)
+    if "step" not in note:
         return f"Using the model in {final}."
+    step, val, last = note["step"], note.get("val_loss"), note.get("max_steps")
     if note.get("kept") == "last" or val is None:
         bound = f", validation bound {val:.3f} nats/token" if val is not None else ""
         return f"Using the model of step {step} (the last step{bound})."

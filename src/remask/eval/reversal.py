@@ -286,11 +286,15 @@ def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerCo
 COUPLET = "{first}，{second}。"
 
 
+DOCUMENTS = {"couplet": COUPLET, "document": CAPITAL_DOCUMENT}  # each kind's pair as pretraining reads it
+
+
 def probes(kind: str, style: StatementStyle = "plain") -> dict[str, dict[str, str]]:
     """The plain texts a base model (no SFT) completes, by name and direction ({first}/{second} are
-    the pair's halves): a poem's couplet as it stands, and the statement of either kind."""
-    found = {"couplet": {d: COUPLET for d in DIRECTIONS}} if kind == "poem" else {}
-    return found | {"statement": statements(kind, style)}
+    the pair's halves): the pair as pretraining reads it (a poem's couplet; a fact's own sentence),
+    with either half unknown, and the statement of either kind."""
+    name = "couplet" if kind == "poem" else "document"
+    return {name: {d: DOCUMENTS[name] for d in DIRECTIONS}} | {"statement": statements(kind, style)}
 
 
 def probe_steps(sampler: SamplerConfig, n: int) -> int:
@@ -299,13 +303,17 @@ def probe_steps(sampler: SamplerConfig, n: int) -> int:
 
 
 def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, template: str,
-                  sampler: SamplerConfig, seed: int = 0, batch_size: int = 32) -> list[str | None]:
+                  sampler: SamplerConfig, seed: int = 0, batch_size: int = 32,
+                  window: int | None = None) -> list[str | None]:
     """A base model (no SFT) completing plain text: `template` with the unknown half left out, after
     the BOS token. The diffusion model fills n masks in its place (n the gold half's token count,
     revealed by the sampler's rules at sampler.steps / sampler.gen_length steps per mask, one each
-    by default); the AR twin decodes n tokens after the text before it (greedy, or sampled at
-    sampler.temperature), so the answer is None where the known half does not come first: a
-    left-to-right model cannot read what follows its answer."""
+    by default); with `window`, the text is followed by masks up to `window` tokens, never revealed:
+    the text after it, unknown, so the model reads a sequence of the length it was trained on
+    (a bidirectional model trained on full windows only reads a short one poorly). The AR twin
+    decodes n tokens after the text before it (greedy, or sampled at sampler.temperature; what
+    follows cannot matter to it), so the answer is None where the known half does not come first:
+    a left-to-right model cannot read what follows its answer."""
     tok = pipe.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else []
     rows = []
@@ -330,20 +338,27 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     out = []
     for i, (before, n, after, _) in enumerate(rows):
         generator = torch.Generator(device=pipe.device).manual_seed(seed + i)
-        x = fill_masks(pipe.model_fn, torch.tensor([before + [tok.mask_id] * n + after], device=pipe.device),
+        ids = before + [tok.mask_id] * n + after
+        ids += [tok.mask_id] * max(0, (window or 0) - len(ids))
+        answer = slice(len(before), len(before) + n)
+        x = fill_masks(pipe.model_fn, torch.tensor([ids], device=pipe.device),
                        sampler.replace(steps=probe_steps(sampler, n), gen_length=n, block_length=None), mask_id=tok.mask_id,
-                       generator=generator)
-        out.append(tok.decode(x[0, len(before):len(before) + n].tolist()))
+                       generator=generator, region=answer)
+        out.append(tok.decode(x[0, answer].tolist()))
     return out
 
 
 def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, sampler: SamplerConfig,
-                   seed: int = 0) -> list[str]:
-    """The base diffusion model without SFT: `X，[M]*n。` (forward) or `[M]*n，Y。` (backward), n the
-    gold half's length, after the BOS token; the masks are revealed by the sampler's rules."""
+                   seed: int = 0, window: int | None = None, kind: str = "poem") -> list[str]:
+    """The base diffusion model without SFT fills the unknown half of the pair as pretraining reads
+    it: `X，[M]*n。` (forward) or `[M]*n，Y。` (backward) for a poem, the fact's own sentence for a
+    capital; n the gold half's length, after the BOS token (and in a `window` of masks:
+    `probe_answers`); the masks are revealed by the sampler's rules."""
     if pipe.model.config.causal:
         raise RemaskError("infilling needs a diffusion model; an AR twin continues text (probe_answers)")
-    return probe_answers(pipe, pairs, direction, template=COUPLET, sampler=sampler, seed=seed)
+    (templates,) = [t for name, t in probes(kind).items() if name != "statement"]
+    return probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler, seed=seed,
+                         window=window)
 
 
 def score_answers(answers: list[str | None], golds: list[str]) -> dict:

@@ -171,19 +171,21 @@ def generate(model_fn: ModelFn, prompt: Tensor, sampler: SamplerConfig, *, mask_
 
 @torch.no_grad()
 def fill_masks(model_fn: ModelFn, x: Tensor, sampler: SamplerConfig, *, mask_id: int,
-               generator: torch.Generator | None = None) -> Tensor:
-    """Infilling: reveal every mask token of `x` (B, L), wherever it stands, over sampler.steps
-    steps (the linear schedule over each row's masks; remasking and temperature as configured;
-    gen_length and blocks do not apply). The other positions are context and never change."""
+               generator: torch.Generator | None = None, region: slice | None = None) -> Tensor:
+    """Infilling: reveal every mask token of `x` (B, L) inside `region` (all positions when None),
+    wherever it stands, over sampler.steps steps (the linear schedule over each row's masks there;
+    remasking and temperature as configured; gen_length and blocks do not apply). The other
+    positions are context and never change: masks outside `region` stay masks, text the model
+    is told nothing about."""
     if x.dim() != 2:
         raise RemaskError(f"x must be a 2-D (batch, length) tensor, got shape {tuple(x.shape)}")
-    counts = num_transfer_tokens(x == mask_id, sampler.steps)  # (B, S)
+    region = slice(0, x.shape[1]) if region is None else region
+    counts = num_transfer_tokens(x[:, region] == mask_id, sampler.steps)  # (B, S)
     eos = torch.empty(0, dtype=torch.long, device=x.device)
-    everything = slice(0, x.shape[1])
     for k in counts.unbind(1):
         logits = guided_logits(model_fn, x, torch.zeros(x.shape[1], dtype=torch.bool, device=x.device),
-                               0.0, mask_id)
-        new, chosen = denoise_step(logits, x, k, sampler.replace(eos="allow"), mask_id=mask_id, eos=eos,
+                               0.0, mask_id)[:, region]
+        new, chosen = denoise_step(logits, x[:, region], k, sampler.replace(eos="allow"), mask_id=mask_id, eos=eos,
                                    generator=generator)
-        x, _ = commit(x, everything, new, chosen)
+        x, _ = commit(x, region, new, chosen)
     return x

@@ -43,6 +43,22 @@ from remask.train.state import (
 TRAINING_NOTE = "remask_training.json"  # in final/: which step it holds and why
 
 
+def read_training_note(directory: str | Path) -> dict:
+    """A model directory's training note, {} when it has none or it cannot be read (a model
+    trained elsewhere, or an old one)."""
+    try:
+        note = json.loads((Path(directory) / TRAINING_NOTE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def trained_seq_len(directory: str | Path) -> int | None:
+    """The sequence length a pretrained model read (its training note's seq_len), None if unknown."""
+    n = read_training_note(directory).get("seq_len")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 @dataclass
 class TrainJob:
     """What a workflow (pretrain, sft) hands the loop."""
@@ -240,6 +256,8 @@ def write_final(job: TrainJob, progress: Progress) -> Path:
                     if r.get("step") == progress.step and "val_loss" in r), None)
         note = {"step": progress.step, "val_loss": val, "kept": "last"}
     note |= {"max_steps": job.optim.max_steps, "selection": job.run.final}
+    if job.task == "pretrain":  # the sequence length it read (a bidirectional model reads that length best)
+        note["seq_len"] = job.config["data"]["seq_len"]
     with atomic_dir(final) as staging:
         write_model_files(load_model(source), staging, tokenizer=job.tokenizer)
         write_json(staging / TRAINING_NOTE, note)
