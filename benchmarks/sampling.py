@@ -3,9 +3,8 @@
     python benchmarks/sampling.py [--parts free memorised reversal batch thresholds]
 
 Models: those of benchmarks/reversal.py (runs/reversal/, run it first): a diffusion model and its AR
-twin with the same recipe, pretrained at 384 tokens per sequence on poems, capital facts and the six
-longest Tang poems (three copies each, so that they know them by heart), and both fine-tuned on
-the reversal questions.
+twin with the same recipe, pretrained at 128 tokens per sequence on poems, capital facts and the
+two longest Tang poems, and both fine-tuned on the reversal questions.
 
 Tasks:
 - free: 256 answer positions after real prompts (128 tokens of the training poems, then the title
@@ -13,10 +12,14 @@ Tasks:
   tokens and the text's NLL per character under the AR twin;
 - memorised: the rest of a known long poem (its first 128 tokens given, 256 to produce), scored by
   character accuracy against the true text;
+- memorised_short: the same within the length the twins were pretrained at (`--short-context`
+  tokens given, the rest of that length to produce): the memorised task 384 tokens long reads
+  positions the models never trained on;
 - reversal: the reversal poem questions of benchmarks/reversal.py's test pairs, both directions,
   on the fine-tuned models (contains-gold accuracy);
 - batch: 16 prompts of mixed lengths at once against one at a time, same method;
-- thresholds: memorised-task accuracy against speed over confidence thresholds (a PNG).
+- thresholds: memorised_short accuracy against speed over confidence thresholds, with no cache,
+  the prefix cache and the dual cache (a PNG).
 
 Per method: forward passes, tokens per forward pass, useful tokens/s (generated tokens up to the
 end-of-text, never prompt or padding), wall time, accuracy, and the speed-up over the reference
@@ -63,8 +66,8 @@ def methods(gen_length: int, block: int, thresholds=(0.9,)) -> list[Method]:
         Method("dual_cache", base.replace(cache="dual")),
     ]
     for t in thresholds:
-        out += [Method(f"threshold_{t}", base.replace(parallel="threshold", threshold=t)),
-                Method(f"dual_threshold_{t}", base.replace(cache="dual", parallel="threshold", threshold=t))]
+        out += [Method(f"{name}threshold_{t}", base.replace(cache=cache, parallel="threshold", threshold=t))
+                for name, cache in (("", "none"), ("prefix_", "prefix"), ("dual_", "dual"))]
     out += [Method("dual_factor_1", base.replace(cache="dual", parallel="factor", factor=1.0)),
             Method("dual_entropy_0.5", base.replace(cache="dual", parallel="entropy", entropy_bound=0.5)),
             Method("ar_kv_cache", None), Method("ar_no_cache", None, cached=False)]
@@ -117,6 +120,13 @@ def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[
 def char_accuracy(produced: str, truth: str) -> float:
     """Fraction of the true text's characters reproduced at their position."""
     return sum(a == b for a, b in zip(produced, truth)) / max(1, len(truth))
+
+
+def pretrained_length(run_dir: Path) -> int:
+    """The sequence length the twins were pretrained at (benchmarks/reversal.py's --seq-len)."""
+    import yaml
+
+    return int(yaml.safe_load((run_dir / "mdm" / "config.yaml").read_text(encoding="utf-8"))["data"]["seq_len"])
 
 
 def corpus_documents(run_dir: Path) -> list[str]:
@@ -181,7 +191,8 @@ def plot_thresholds(rows: list[dict], path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for prefix, label in (("threshold_", "threshold, no cache"), ("dual_threshold_", "dual cache + threshold")):
+    for prefix, label in (("threshold_", "threshold, no cache"), ("prefix_threshold_", "prefix cache + threshold"),
+                          ("dual_threshold_", "dual cache + threshold")):
         pts = [r for r in rows if r["method"].startswith(prefix)]
         ax.plot([r["tokens_per_s"] for r in pts], [r["accuracy"] for r in pts], "o-", label=label)
         for r in pts:
@@ -191,7 +202,7 @@ def plot_thresholds(rows: list[dict], path: Path) -> None:
             ax.plot([r["tokens_per_s"]], [r["accuracy"]], "s", label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("useful tokens/s (log)")
-    ax.set_ylabel("character accuracy (memorised continuation)")
+    ax.set_ylabel("character accuracy (memorised_short)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_png(fig, path, dpi=110)
@@ -199,12 +210,13 @@ def plot_thresholds(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["free", "memorised", "reversal", "batch", "thresholds"],
-                    choices=["free", "memorised", "reversal", "batch", "thresholds"])
+    parts = ["free", "memorised", "memorised_short", "reversal", "batch", "thresholds"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--runs", type=Path, default=Path("runs/reversal"), help="benchmarks/reversal.py's --out")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--short-context", type=int, default=32, help="prompt tokens of the memorised_short task")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reversal-length", type=int, default=16, help="answer positions for the reversal questions")
@@ -247,15 +259,23 @@ def main() -> None:
         keep("free", evaluate("free", free, score_free, methods(L, block), pipe, ar, L))
     prompts, truths = memorised_prompts(pipe, docs, args.prompts, args.context, L)
 
-    def score_memorised(answers, ref):
-        return {"accuracy": statistics.fmean(char_accuracy(pipe.tokenizer.decode(a), t) for a, t in zip(answers, truths))}
+    def against(truths: list[str]):
+        def score(answers, ref):
+            return {"accuracy": statistics.fmean(char_accuracy(pipe.tokenizer.decode(a), t)
+                                                 for a, t in zip(answers, truths))}
+        return score
 
+    score_memorised = against(truths)
     if "memorised" in args.parts:
         keep("memorised", evaluate("memorised", prompts, score_memorised, methods(L, block), pipe, ar, L))
+    n = pretrained_length(args.runs) - args.short_context
+    short, short_truths = memorised_prompts(pipe, docs, args.prompts, args.short_context, n)
+    if "memorised_short" in args.parts:
+        keep("memorised_short", evaluate("memorised_short", short, against(short_truths), methods(n, block), pipe, ar, n))
     if "thresholds" in args.parts:
-        rows = evaluate("thresholds", prompts, score_memorised,
-                        [m for m in methods(L, block, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
-                         if m.name == REF or m.name == "ar_kv_cache" or "threshold" in m.name], pipe, ar, L)
+        rows = evaluate("thresholds", short, against(short_truths),
+                        [m for m in methods(n, block, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
+                         if m.name == REF or m.name == "ar_kv_cache" or "threshold" in m.name], pipe, ar, n)
         keep("thresholds", rows)
         plot_thresholds(rows, RESULTS_DIR / "sampling_thresholds.png")
     if "reversal" in args.parts:
