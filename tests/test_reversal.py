@@ -311,3 +311,6 @@ def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, c
     assert main(["eval", "reversal", "--model", str(noted), "--test", str(test), "--mode", "infill",
                  "--window", "-1"]) == 2
     assert "--window must be 0 or more" in capsys.readouterr().err
+    assert main(["eval", "reversal", "--model", str(noted), "--test", str(test), "--mode", "infill",
+                 "--window", "100000"]) == 2
+    assert "exceeds" in capsys.readouterr().err

@@ -327,6 +327,9 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         row = {"kind": "autoregressive" if pipe.model.config.causal else "diffusion"}
         if mode != "qa" and not pipe.model.config.causal:
             row["window"] = trained_seq_len(directory) if window is None else window
+            if (row["window"] or 0) > pipe.model.config.max_sequence_length:
+                raise RemaskError(f"--window {row['window']} exceeds {directory}'s context of "
+                                  f"{pipe.model.config.max_sequence_length} tokens")
         for direction in DIRECTIONS:
             golds = [p.halves(direction)[1] for p in pairs]
             if mode == "infill":

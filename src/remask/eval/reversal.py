@@ -286,15 +286,16 @@ def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerCo
 COUPLET = "{first}，{second}。"
 
 
-DOCUMENTS = {"couplet": COUPLET, "document": CAPITAL_DOCUMENT}  # each kind's pair as pretraining reads it
+# each kind's pair as pretraining reads it: (probe name, template)
+DOCUMENT_PROBES = {"poem": ("couplet", COUPLET), "capital": ("document", CAPITAL_DOCUMENT)}
 
 
 def probes(kind: str, style: StatementStyle = "plain") -> dict[str, dict[str, str]]:
     """The plain texts a base model (no SFT) completes, by name and direction ({first}/{second} are
     the pair's halves): the pair as pretraining reads it (a poem's couplet; a fact's own sentence),
     with either half unknown, and the statement of either kind."""
-    name = "couplet" if kind == "poem" else "document"
-    return {name: {d: DOCUMENTS[name] for d in DIRECTIONS}} | {"statement": statements(kind, style)}
+    name, template = DOCUMENT_PROBES[kind]
+    return {name: {d: template for d in DIRECTIONS}} | {"statement": statements(kind, style)}
 
 
 def probe_steps(sampler: SamplerConfig, n: int) -> int:
@@ -356,8 +357,7 @@ def infill_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, s
     `probe_answers`); the masks are revealed by the sampler's rules."""
     if pipe.model.config.causal:
         raise RemaskError("infilling needs a diffusion model; an AR twin continues text (probe_answers)")
-    (templates,) = [t for name, t in probes(kind).items() if name != "statement"]
-    return probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler, seed=seed,
+    return probe_answers(pipe, pairs, direction, template=DOCUMENT_PROBES[kind][1], sampler=sampler, seed=seed,
                          window=window)
 
 
