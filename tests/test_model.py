@@ -167,3 +167,20 @@ def test_too_long_sequence_rejected():
     model = build_model(tiny(max_sequence_length=8))
     with pytest.raises(ValueError, match="exceeds max_sequence_length"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_attention_bias_is_none_only_when_a_bidirectional_model_may_see_every_key():
+    """Hand cases: the unmasked kernel only where the mask would allow everything."""
+    from remask.model import attention_bias
+
+    ones, padded = torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert attention_bias(None, False, 3, torch.device("cpu")) is None
+    assert attention_bias(ones, False, 3, torch.device("cpu")) is None
+    assert attention_bias(ones, False, 3, torch.device("cpu"), past_valid=torch.ones(2, 2)) is None
+    mask = attention_bias(padded, False, 3, torch.device("cpu"))
+    assert mask.shape == (2, 1, 3, 3) and mask[0].all()
+    assert mask[1, 0].tolist() == [[True, True, True], [False, True, True], [False, True, True]]  # the pad sees itself too
+    past = attention_bias(ones, False, 3, torch.device("cpu"), past_valid=torch.tensor([[1, 0], [1, 1]]))
+    assert past[0, 0, :, 1].tolist() == [False] * 3 and past[1].all()
+    causal = attention_bias(ones, True, 3, torch.device("cpu"))
+    assert causal is not None and causal[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]

@@ -171,7 +171,8 @@ class Block(nn.Module):
 
 def attention_bias(attention_mask: Tensor | None, causal: bool, T: int, device: torch.device,
                    past_valid: Tensor | None = None) -> Tensor | None:
-    """Boolean SDPA mask (B, 1, T, Tp + T) where True = may attend, or None for the fast path.
+    """Boolean SDPA mask (B, 1, T, Tp + T) where True = may attend, or None for the fast path
+    (also when a bidirectional model may attend to every key).
 
     `attention_mask` (B, T) marks real tokens with 1 and (left) padding with 0; `past_valid`
     (B, Tp) the attendable cached positions, which come first among the keys (for the AR twin
@@ -184,6 +185,8 @@ def attention_bias(attention_mask: Tensor | None, causal: bool, T: int, device: 
     current = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                else attention_mask.bool())
     keys = current if past_valid is None else torch.cat([past_valid.bool(), current], dim=1)  # (B, Tp + T)
+    if not causal and bool(keys.all()):  # nothing to hide: the unmasked (faster) kernel
+        return None
     Tp = keys.shape[1] - T
     allowed = keys[:, None, None, :].expand(-1, 1, T, Tp + T)
     itself = torch.eye(T, Tp + T, dtype=torch.bool, device=device).roll(Tp, dims=1)  # query i -> key Tp + i
