@@ -88,7 +88,10 @@ class KV:
 
     @staticmethod
     def stack(rows: list[KV]) -> KV:
-        """Single-row caches of different lengths as one batch, right-padded (the padding invalid)."""
+        """Single-row caches of different lengths as one batch, right-padded (the padding invalid);
+        one cache is itself."""
+        if len(rows) == 1:
+            return rows[0]
         width = max(r.length for r in rows)
         layers = []
         for i in range(len(rows[0].layers)):

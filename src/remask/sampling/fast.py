@@ -91,6 +91,7 @@ class Row:
     step_in_block: int = 0
     schedule: Tensor | None = None  # (S,) reveals per step of the current block
     cache: KV | None = None  # (1, ...) keys and values of the whole sequence at the block's start
+    past: KV | None = None  # the part of `cache` the current block's cached passes attend to
     fresh: bool = False  # the cache was refreshed for the current block
     finished: bool = False
     ended: bool = False  # finished at an end-of-text
@@ -102,7 +103,7 @@ class Row:
 
     def start_block(self, mask_id: int) -> None:
         self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.sampler.steps_per_block)[0]
-        self.step_in_block, self.fresh = 0, False
+        self.step_in_block, self.fresh, self.past = 0, False, None
 
 
 class Engine:
@@ -205,17 +206,18 @@ class Engine:
     def _cached_pass(self, rows: list[Row]) -> dict[int, Tensor]:
         """Each row's block (and, with the prefix cache, the rest after it) against its cached keys
         and values of the positions outside; rows padded on the right."""
-        inputs, pasts, starts = [], [], []
+        inputs = []
         for r in rows:
             lo, hi, L = r.current.start, r.current.stop, r.seq.numel()
             if r.sampler.cache == "prefix":
                 inputs.append(torch.arange(lo, L, device=self.device))
-                pasts.append(r.cache.positions(slice(0, lo)))
+                if r.past is None:
+                    r.past = r.cache.positions(slice(0, lo))
             else:
                 inputs.append(torch.arange(lo, hi, device=self.device))
-                outside = torch.cat([torch.arange(0, lo, device=self.device), torch.arange(hi, L, device=self.device)])
-                pasts.append(r.cache.positions(outside))
-            starts.append(lo)
+                if r.past is None:
+                    outside = torch.cat([torch.arange(0, lo, device=self.device), torch.arange(hi, L, device=self.device)])
+                    r.past = r.cache.positions(outside)
         width = max(p.numel() for p in inputs)
         ids = torch.full((len(rows), width), self.mask_id, dtype=torch.long, device=self.device)
         attn = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
@@ -224,7 +226,7 @@ class Engine:
             ids[i, :pos.numel()], attn[i, :pos.numel()], positions[i, :pos.numel()] = r.seq[pos], 1, pos
             positions[i, pos.numel():] = pos[-1]
         n_block = max(r.current.stop - r.current.start for r in rows)
-        logits = self.model(ids, attn, positions, past=KV.stack(pasts), logits_at=slice(0, n_block))
+        logits = self.model(ids, attn, positions, past=KV.stack([r.past for r in rows]), logits_at=slice(0, n_block))
         self.stats.forward_passes += 1
         self.stats.query_tokens += int(attn.sum())
         return {id(r): logits[i, :r.current.stop - r.current.start] for i, r in enumerate(rows)}
