@@ -123,10 +123,13 @@ def char_accuracy(produced: str, truth: str) -> float:
 
 
 def pretrained_length(run_dir: Path) -> int:
-    """The sequence length the twins were pretrained at (benchmarks/reversal.py's --seq-len)."""
-    import yaml
+    """The sequence length the twins were pretrained at (their training note; benchmarks/reversal.py's --seq-len)."""
+    from remask.train.loop import trained_seq_len
 
-    return int(yaml.safe_load((run_dir / "mdm" / "config.yaml").read_text(encoding="utf-8"))["data"]["seq_len"])
+    n = trained_seq_len(run_dir / "mdm" / "final")
+    if n is None:
+        sys.exit(f"error: {run_dir / 'mdm' / 'final'} records no pretraining length (retrain with benchmarks/reversal.py)")
+    return n
 
 
 def corpus_documents(run_dir: Path) -> list[str]:
@@ -268,8 +271,9 @@ def main() -> None:
     score_memorised = against(truths)
     if "memorised" in args.parts:
         keep("memorised", evaluate("memorised", prompts, score_memorised, methods(L, block), pipe, ar, L))
-    n = pretrained_length(args.runs) - args.short_context
-    short, short_truths = memorised_prompts(pipe, docs, args.prompts, args.short_context, n)
+    if {"memorised_short", "thresholds"} & set(args.parts):
+        n = pretrained_length(args.runs) - args.short_context
+        short, short_truths = memorised_prompts(pipe, docs, args.prompts, args.short_context, n)
     if "memorised_short" in args.parts:
         keep("memorised_short", evaluate("memorised_short", short, against(short_truths), methods(n, block), pipe, ar, n))
     if "thresholds" in args.parts:

@@ -45,7 +45,14 @@ class Pair:
 
     def halves(self, direction: Direction) -> tuple[str, str]:
         """(the known half, the half asked for) of a question in `direction`."""
-        return (self.first, self.second) if direction == "forward" else (self.second, self.first)
+        known, gold = fields(direction)
+        return getattr(self, known), getattr(self, gold)
+
+
+def fields(direction: Direction) -> tuple[str, str]:
+    """The names of (the known half, the half asked for) in `direction`: the first half is known
+    forwards, the second backwards."""
+    return ("first", "second") if direction == "forward" else ("second", "first")
 
 
 @dataclass
@@ -182,8 +189,8 @@ def statements(kind: str, style: StatementStyle = "plain") -> dict[str, str]:
     sep, end = ("", "。") if kind == "poem" else (" ", ".")
     out = {}
     for d in DIRECTIONS:
-        known, gold = ("{first}", "{second}") if d == "forward" else ("{second}", "{first}")
-        out[d] = QUESTIONS[kind][d].replace("{x}", known) + sep + gold + end
+        known, gold = fields(d)
+        out[d] = QUESTIONS[kind][d].replace("{x}", f"{{{known}}}") + sep + f"{{{gold}}}" + end
     return out
 
 
@@ -320,7 +327,7 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     rows = []
     for pair in pairs:
         known, gold = pair.halves(direction)
-        halves = {"first": pair.first, "second": pair.second} | {"second" if direction == "forward" else "first": "\0"}
+        halves = {"first": pair.first, "second": pair.second} | {fields(direction)[1]: "\0"}
         before, after = template.format(**halves).split("\0")
         rows.append((bos + tok.encode(before), len(tok.encode(gold)), tok.encode(after), known in before))
     if pipe.model.config.causal:
