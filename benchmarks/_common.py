@@ -19,13 +19,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str | None:
-    """Short hash of HEAD, or None outside a git checkout."""
+    """Short hash of HEAD, with "+dirty" when tracked files outside benchmarks/results/ have
+    uncommitted changes (the code measured is not that commit's); None outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/results"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    return None if not commit else commit + ("+dirty" if status.stdout.strip() else "")
 
 
 def _cpu_model() -> str:
