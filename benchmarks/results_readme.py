@@ -31,7 +31,7 @@ def flatten(value, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
     if isinstance(value, list):
         if len(value) <= 6 and all(not isinstance(v, dict | list) for v in value):
             return [(prefix, ", ".join(show(v) for v in value))]
-        if all(isinstance(v, dict) for v in value) and len(value) <= 80:
+        if all(isinstance(v, dict) for v in value) and len(value) <= 160:
             rows = []
             for i, v in enumerate(value):
                 label = v.get("value", v.get("method", v.get("name", i)))
