@@ -88,7 +88,7 @@ def short_blocks(gen_length: int, blocks=(8, 16), thresholds=(0.8, 0.9)) -> list
     out = []
     for b in blocks:
         at = base.replace(block_length=b)
-        out.append(Method(f"{REF}_b{b}", at, fast=False))
+        out.append(Method(f"one_per_step_b{b}", at, fast=False))  # the reference sampler at block b
         for cache in ("prefix", "dual"):
             out += [Method(f"{cache}_b{b}_threshold_{t}", at.replace(cache=cache, parallel="threshold", threshold=t))
                     for t in thresholds]
