@@ -11,7 +11,7 @@ from conftest import tiny_config
 from remask.model import build_model
 from remask.sampling import SamplerConfig, StepInfo, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import generate_fast, reveal_counts
+from remask.sampling.fast import fill_masks_fast, generate_fast, reveal_counts
 
 V = 32
 MASK = V - 1
@@ -235,3 +235,50 @@ def test_rows_that_join_later_get_the_answers_they_get_alone(model):
         finished += engine.step()
     assert {id(r) for r in finished} | {id(rows[0])} >= {id(r) for r in rows[1:]}
     assert [r.seq.tolist() for r in rows] == [alone(i) for i in range(3)]
+
+
+def infill_case(n_rows=3):
+    """Rows of text, a masked region inside, text after it and masks up to the end (never revealed)."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randint(0, EOS, (n_rows, 20), generator=g)
+    region = slice(4, 10)
+    x[:, region] = MASK
+    x[:, 16:] = MASK  # the window's padding: context, never revealed
+    return x, region
+
+
+@pytest.mark.parametrize("steps", [6, 3])
+def test_fast_infilling_is_token_identical_to_fill_masks(model, steps):
+    from remask.sampling.generate import fill_masks
+
+    x, region = infill_case()
+    sampler = SamplerConfig(gen_length=6, steps=steps)
+    ref = fill_masks(lambda ids, attention_mask: model(ids, attention_mask), x, sampler, mask_id=MASK, region=region)
+    fast, stats = fill_masks_fast(model, x, region, sampler, mask_id=MASK, vocab_size=V)
+    assert torch.equal(fast, ref)
+    assert stats.forward_passes == steps
+
+
+@pytest.mark.parametrize("sampler", [
+    SamplerConfig(gen_length=6, steps=6, block_length=2, cache="dual", parallel="threshold", threshold=0.5),
+    SamplerConfig(gen_length=6, steps=6, block_length=3, cache="prefix", parallel="factor", factor=1.0),
+])
+def test_fast_infilling_reveals_the_region_only(model, sampler):
+    x, region = infill_case()
+    out, _ = fill_masks_fast(model, x, region, sampler, mask_id=MASK, vocab_size=V)
+    outside = torch.ones(x.shape[1], dtype=torch.bool)
+    outside[region] = False
+    assert torch.equal(out[:, outside], x[:, outside])  # text and the padding masks untouched
+    assert not (out[:, region] == MASK).any()
+
+
+def test_infill_rejects_a_region_that_does_not_fit(model):
+    from remask.errors import RemaskError
+    from remask.sampling.fast import Engine
+
+    x, region = infill_case(1)
+    engine = Engine(model, mask_id=MASK, vocab_size=V)
+    with pytest.raises(RemaskError, match="gen_length"):
+        engine.add_infill(x[0], region, SamplerConfig(gen_length=8, steps=8))
+    with pytest.raises(RemaskError, match="region"):
+        engine.add_infill(x[0], slice(18, 30), SamplerConfig(gen_length=12, steps=12))

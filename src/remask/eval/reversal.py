@@ -310,6 +310,19 @@ def probe_steps(sampler: SamplerConfig, n: int) -> int:
     return max(1, min(n, round(n * sampler.steps / sampler.gen_length)))
 
 
+def probe_rows(tok, pairs: list[Pair], direction: Direction, template: str) -> list[tuple[list[int], int, list[int], bool]]:
+    """Each pair's probe in pieces: (BOS and the text before the unknown half, the gold half's
+    token count, the text after it, whether the known half comes before it)."""
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    rows = []
+    for pair in pairs:
+        known, gold = pair.halves(direction)
+        halves = {"first": pair.first, "second": pair.second} | {fields(direction)[1]: "\0"}
+        before, after = template.format(**halves).split("\0")
+        rows.append((bos + tok.encode(before), len(tok.encode(gold)), tok.encode(after), known in before))
+    return rows
+
+
 def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, template: str,
                   sampler: SamplerConfig, seed: int = 0, batch_size: int = 32,
                   window: int | None = None) -> list[str | None]:
@@ -323,13 +336,7 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     follows cannot matter to it), so the answer is None where the known half does not come first:
     a left-to-right model cannot read what follows its answer."""
     tok = pipe.tokenizer
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    rows = []
-    for pair in pairs:
-        known, gold = pair.halves(direction)
-        halves = {"first": pair.first, "second": pair.second} | {fields(direction)[1]: "\0"}
-        before, after = template.format(**halves).split("\0")
-        rows.append((bos + tok.encode(before), len(tok.encode(gold)), tok.encode(after), known in before))
+    rows = probe_rows(tok, pairs, direction, template)
     if pipe.model.config.causal:
         out: list[str | None] = [None] * len(rows)
         ask = [i for i, row in enumerate(rows) if row[3]]

@@ -24,7 +24,8 @@ progress through their blocks; a row added between steps starts with the next st
 step is one or two forward passes over every active row (a full pass for rows that start a block
 or use no cache, a cached pass for the others). So a server can batch requests as they arrive,
 and a request's answer does not depend on what it is batched with. `generate_fast` runs a
-left-padded batch through it.
+left-padded batch through it. A row may also infill (`add_infill`, `fill_masks_fast`): reveal
+the masks of one region of a given text, blocks over the region, the rest context.
 
 The model is a `Transformer` (the `positions` / `past` / `return_kv` / `logits_at` interface of
 `remask.model`); logits past `vocab_size` (padded embedding rows) are ignored.
@@ -129,10 +130,39 @@ class Engine:
         seq = append_masks(prompt[None], None, sampler.gen_length, self.mask_id, anchor_id(sampler, self.eos_ids))[0][0]
         row = Row(seq, prompt.numel(), sampler, generator, torch.tensor(self.eos_ids, dtype=torch.long,
                                                                          device=self.device), on_step)
-        row.reveal_step = torch.full_like(seq, -1)
-        row.blocks = block_slices(row.prompt_len, sampler.gen_length, sampler.effective_block_length)
-        row.start_block(self.mask_id)
-        self.rows.append(row)
+        return self._admit(row)
+
+    def add_infill(self, ids: Sequence[int] | Tensor, region: slice, sampler: SamplerConfig, *,
+                   generator: torch.Generator | None = None,
+                   on_step: Callable[[StepInfo], None] | None = None) -> Row:
+        """A row that reveals the masks of `ids` inside `region` and nothing else (`fill_masks`
+        with this engine's savings, caches and parallel rules): text on either side and masks
+        outside the region are context that never changes. The region is cut into blocks of
+        sampler.block_length (one block when None) taking sampler.steps between them;
+        sampler.gen_length must be the region's length. The row ends when the region is revealed
+        (an end-of-text inside it is a token like any other, as in `fill_masks`)."""
+        seq = torch.as_tensor(ids, dtype=torch.long, device=self.device).clone()
+        if seq.dim() != 1 or not 0 <= region.start < region.stop <= seq.numel() or region.step not in (None, 1):
+            raise RemaskError(f"region {region} is not a non-empty range of the {seq.numel()} positions")
+        if sampler.gen_length != region.stop - region.start:
+            raise RemaskError(f"sampler.gen_length ({sampler.gen_length}) must be the region's length "
+                              f"({region.stop - region.start})")
+        if sampler.cfg_scale or sampler.anchor_eos:
+            raise RemaskError("infilling takes no classifier-free guidance and no end-of-text anchor")
+        row = Row(seq, region.start, sampler.replace(eos="allow", stop_at_eos=False), generator,
+                  torch.tensor(self.eos_ids, dtype=torch.long, device=self.device), on_step)
+        return self._admit(row)
+
+    def _admit(self, row: Row) -> Row:
+        row.reveal_step = torch.full_like(row.seq, -1)
+        row.blocks = block_slices(row.prompt_len, row.sampler.gen_length, row.sampler.effective_block_length)
+        row.block = 0
+        while row.block < len(row.blocks) and not (row.seq[row.current] == self.mask_id).any():
+            row.block += 1  # a block with nothing to reveal (an infill region's text)
+        row.finished = row.block >= len(row.blocks)
+        if not row.finished:
+            row.start_block(self.mask_id)
+            self.rows.append(row)
         return row
 
     def step(self) -> list[Row]:
@@ -274,6 +304,18 @@ class Engine:
         if row.on_step is not None:
             row.on_step(StepInfo(step, min(row.block, len(row.blocks) - 1), row.seq[None].clone(), revealed[None],
                                  row.reveal_step[None].clone(), row.prompt_len, row.finished))
+
+
+@torch.no_grad()
+def fill_masks_fast(model: Callable, x: Tensor, region: slice, sampler: SamplerConfig, *, mask_id: int,
+                    vocab_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, SamplingStats]:
+    """`fill_masks` on the fast engine: reveal the masks of each row of `x` (B, L) inside `region`
+    (sampler.gen_length long), the rest context (`Engine.add_infill`); rows share `generator`.
+    With no cache and the schedule at temperature 0 it gives `fill_masks`'s tokens."""
+    engine = Engine(model, mask_id=mask_id, vocab_size=vocab_size)
+    rows = [engine.add_infill(x[b], region, sampler, generator=generator) for b in range(x.shape[0])]
+    engine.run()
+    return torch.stack([row.seq for row in rows]), engine.stats
 
 
 @torch.no_grad()
