@@ -17,10 +17,11 @@ Tasks:
   evenly spaced offsets (the memorised task 384 tokens long reads positions the models never
   trained on, and only these long poems are in the corpus once, so the prompt determines what
   follows); also the reference sampler and the accelerations at shorter blocks (8, 16);
-- couplets: benchmarks/reversal.py's couplet probe read forwards on its test pairs: BOS and a
-  couplet's first half-line, the rest of the training window to continue; accuracy = the true
-  second half-line within the first line produced (the backward probe is infilling, which these
-  prefix samplers do not do: `remask eval reversal --mode infill`);
+- couplets: benchmarks/reversal.py's couplet probe on its test pairs, both directions, as
+  `remask eval reversal --mode infill` reads it: the diffusion model infills the unknown
+  half-line inside its training window (the reference is `fill_masks`, the fast engine's
+  `fill_masks_fast` takes the caches and parallel rules over the region), the AR twin continues
+  the first half-line (forwards only: it cannot read what follows its answer); contains-gold;
 - batch: 16 prompts of mixed lengths at once against one at a time, same method;
 - thresholds: accuracy against speed over confidence thresholds, with no cache, the prefix cache
   and the dual cache, at blocks 32, 16 and 8 (a PNG), on the windows halfway between
@@ -47,10 +48,11 @@ from _common import RESULTS_DIR, nll_per_char, write_result
 
 from remask.app.pipeline import Pipeline
 from remask.data.corpora import tang300_poems
-from remask.eval.reversal import COUPLET, Pair, left_pad, load_holdout, score_answers
+from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, left_pad, load_holdout, probe_rows, score_answers
 from remask.sampling import SamplerConfig, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import generate_fast
+from remask.sampling.fast import fill_masks_fast, generate_fast
+from remask.sampling.generate import fill_masks
 
 REF = "reference"
 
@@ -98,18 +100,56 @@ def short_blocks(gen_length: int, blocks=(8, 16), thresholds=(0.8, 0.9)) -> list
 
 def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[int]], gen_length: int,
                batch_size: int = 1, repeats: int = 1) -> tuple[list[list[int]], dict]:
-    """Answers (ids up to and including the end-of-text) and the cost figures; the wall time is
-    the least of `repeats` runs (this machine is shared and noisy), which must give the same answers."""
+    """Answers (ids up to and including the end-of-text) and the cost figures (`best_of`)."""
+    return best_of(method.name, repeats, lambda: run_once(method, pipe, ar, prompts, gen_length, batch_size))
+
+
+def best_of(name: str, repeats: int, once) -> tuple[list, dict]:
+    """`once()`'s answers and cost, its wall time the least of `repeats` runs (this machine is
+    shared and noisy), which must give the same answers."""
     first, wall = None, float("inf")
     for _ in range(repeats):
-        answers, cost = run_once(method, pipe, ar, prompts, gen_length, batch_size)
+        answers, cost = once()
         if first is not None and answers != first[0]:
-            sys.exit(f"error: {method.name} gave different answers on a repeated run")
+            sys.exit(f"error: {name} gave different answers on a repeated run")
         first = first or (answers, cost)
         wall = min(wall, cost["wall_s"])
     answers, cost = first
     cost |= {"wall_s": wall, "tokens_per_s": cost["useful_tokens"] / wall if wall else 0.0, "repeats": repeats}
     return answers, cost
+
+
+def run_infill(method: Method, pipe: Pipeline, cases: list[tuple[list[int], slice]], repeats: int = 1):
+    """The diffusion model filling each case's region (one case at a time, one block over the
+    region, as many steps as masks): the region's ids and the cost figures (`best_of`)."""
+    calls = [0]
+
+    def counted(i, a):
+        calls[0] += 1
+        return pipe.model_fn(i, a)
+
+    def once():
+        answers, passes, wall = [], 0, 0.0
+        for ids, region in cases:
+            n = region.stop - region.start
+            sampler = method.sampler.replace(gen_length=n, steps=n, block_length=None)
+            x = torch.tensor([ids], device=pipe.device)
+            calls[0] = 0
+            t0 = time.perf_counter()
+            if method.fast:
+                out, stats = fill_masks_fast(pipe.model, x, region, sampler, mask_id=pipe.tokenizer.mask_id,
+                                             vocab_size=pipe.model.config.vocab_size)
+                calls[0] = stats.forward_passes
+            else:
+                out = fill_masks(counted, x, sampler, mask_id=pipe.tokenizer.mask_id, region=region)
+            wall += time.perf_counter() - t0
+            passes += calls[0]
+            answers.append(out[0, region].tolist())
+        useful = sum(len(a) for a in answers)
+        return answers, {"forward_passes": passes, "useful_tokens": useful, "wall_s": wall,
+                         "tokens_per_s": useful / wall if wall else 0.0,
+                         "tokens_per_forward": useful / passes if passes else 0.0}
+    return best_of(method.name, repeats, once)
 
 
 def run_once(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[int]], gen_length: int,
@@ -229,12 +269,20 @@ def memorised_windows(pipe: Pipeline, docs: list[str], count: int, context: int,
     return prompts[:count], truths[:count]
 
 
-def couplet_prompts(pipe: Pipeline, pairs: list[Pair]) -> tuple[list[list[int]], list[str]]:
-    """benchmarks/reversal.py's couplet probe read forwards, as a prompt to continue: BOS and
-    `{first}，` of each test pair, and its second half-line."""
+def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
+                  window: int) -> tuple[list[tuple[list[int], slice]], list[list[int] | None], list[str]]:
+    """benchmarks/reversal.py's couplet probe (`eval.reversal.probe_answers`): for the diffusion
+    model, BOS and the couplet with the unknown half masked, then masks up to `window`, and the
+    answer's region; for the AR twin, the text before the answer to continue (None where the
+    known half comes after it); the golds."""
     tok = pipe.tokenizer
-    before = COUPLET.split("{second}")[0]
-    return ([[tok.bos_id, *tok.encode(before.format(first=p.first))] for p in pairs], [p.second for p in pairs])
+    cases, prefixes, golds = [], [], []
+    for pair, (before, n, after, known_first) in zip(pairs, probe_rows(tok, pairs, direction, COUPLET)):
+        ids = before + [tok.mask_id] * n + after
+        cases.append((ids + [tok.mask_id] * max(0, window - len(ids)), slice(len(before), len(before) + n)))
+        prefixes.append(before if known_first else None)
+        golds.append(pair.halves(direction)[1])
+    return cases, prefixes, golds
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
@@ -350,14 +398,26 @@ def main() -> None:
         plot_thresholds(rows, RESULTS_DIR / "sampling_thresholds.png")
     if "couplets" in args.parts:
         pairs = [Pair(first, second, -1) for first, second in load_holdout(args.runs / "test_pairs.jsonl")]
-        couplets, golds = couplet_prompts(pipe, pairs)
-        n = (pretrained_length(args.runs) - max(len(p) for p in couplets)) // block * block  # within the training window
-
-        def score_couplets(answers, ref):
-            lines = [pipe.tokenizer.decode(a).split("。")[0] for a in answers]  # up to the couplet's end
-            return {"accuracy": score_answers(lines, golds)["accuracy"]}
-
-        keep("couplets", evaluate("couplets", couplets, score_couplets, methods(n, block), pipe, ar, n))
+        window = pretrained_length(args.runs)
+        for direction in DIRECTIONS:
+            cases, prefixes, golds = couplet_cases(pipe, pairs, direction, window)
+            rows = []
+            for m in methods(block, block):
+                if m.sampler is not None:  # the diffusion model infills the window
+                    answers, cost = run_infill(m, pipe, cases, repeats=args.repeats)
+                    texts = [pipe.tokenizer.decode(a) for a in answers]
+                elif None in prefixes:  # the AR twin cannot read what follows its answer
+                    continue
+                else:
+                    n = max(c[1].stop - c[1].start for c in cases)
+                    answers, cost = run_method(m, pipe, ar, prefixes, n, repeats=args.repeats)
+                    texts = [pipe.tokenizer.decode(a) for a in answers]
+                rows.append({"method": m.name, "task": f"couplets_{direction}", "gen_length": None, "batch_size": 1,
+                             **cost, "accuracy": score_answers(texts, golds)["accuracy"],
+                             "sampler": None if m.sampler is None else m.sampler.to_dict()})
+                print(f"couplets {direction:<8} {m.name:<22} {cost['forward_passes']:>6} passes "
+                      f"{cost['tokens_per_s']:8.1f} tok/s acc {rows[-1]['accuracy']:.3f}", file=sys.stderr)
+            keep(f"couplets_{direction}", add_speedups(rows))
     if "batch" in args.parts:
         mixed = free_prompts(pipe, docs, args.batch, [16, 48, 80, 128])
         rows = []
@@ -374,7 +434,8 @@ def main() -> None:
         for r in rows:
             r["speedup_vs_naive"] = None
         keep("batch", rows)
-    results["methods"] = [r for r in all_rows if r.get("task") in parts]  # parts this script still has
+    tasks = (set(parts) - {"couplets"}) | {f"couplets_{d}" for d in DIRECTIONS}
+    results["methods"] = [r for r in all_rows if r.get("task") in tasks]  # parts this script still has
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_result("sampling", settings, results)
 
