@@ -314,3 +314,24 @@ def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, c
     assert main(["eval", "reversal", "--model", str(noted), "--test", str(test), "--mode", "infill",
                  "--window", "100000"]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_probes_take_the_fast_engines_settings(model_dir):
+    """A cache or a parallel rule in the sampler is honoured, not dropped: with threshold decoding
+    at a threshold every prediction passes, each probe is one forward pass instead of one per mask."""
+    from remask.app.pipeline import Pipeline
+    from remask.eval.reversal import infill_answers
+    from remask.sampling import SamplerConfig
+
+    pipe = Pipeline.load(model_dir)
+    pairs = [Pair("床前明月光", "疑是地上霜", 0), Pair("白日依山尽", "黄河入海流", 1)]
+    calls = []
+    forward = pipe.model.forward
+    pipe.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    sampler = SamplerConfig(gen_length=8, steps=8)
+    reference = infill_answers(pipe, pairs, "backward", sampler=sampler, window=24)
+    assert len(calls) == sum(len(pipe.tokenizer.encode(p.first)) for p in pairs)  # one pass per mask
+    calls.clear()
+    fast = infill_answers(pipe, pairs, "backward", sampler=sampler.replace(cache="dual", parallel="threshold",
+                                                                            threshold=1e-9), window=24)
+    assert len(calls) == len(pairs) and all(len(a) == len(r) for a, r in zip(fast, reference))

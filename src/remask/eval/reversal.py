@@ -28,7 +28,7 @@ from remask.data.facts import capitals
 from remask.errors import RemaskError
 from remask.sampling import SamplerConfig, fill_masks
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import generate_fast
+from remask.sampling.fast import fill_masks_fast, generate_fast
 from remask.tokenizer import check_text
 
 Direction = Literal["forward", "backward"]
@@ -334,7 +334,8 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     (a bidirectional model trained on full windows only reads a short one poorly). The AR twin
     decodes n tokens after the text before it (greedy, or sampled at sampler.temperature; what
     follows cannot matter to it), so the answer is None where the known half does not come first:
-    a left-to-right model cannot read what follows its answer."""
+    a left-to-right model cannot read what follows its answer. A sampler with a cache or a
+    parallel rule fills through the fast engine (`fill_masks_fast`), otherwise `fill_masks`."""
     tok = pipe.tokenizer
     rows = probe_rows(tok, pairs, direction, template)
     if pipe.model.config.causal:
@@ -356,9 +357,13 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
         ids = before + [tok.mask_id] * n + after
         ids += [tok.mask_id] * max(0, (window or 0) - len(ids))
         answer = slice(len(before), len(before) + n)
-        x = fill_masks(pipe.model_fn, torch.tensor([ids], device=pipe.device),
-                       sampler.replace(steps=probe_steps(sampler, n), gen_length=n, block_length=None), mask_id=tok.mask_id,
-                       generator=generator, region=answer)
+        probe = sampler.replace(steps=probe_steps(sampler, n), gen_length=n, block_length=None)
+        x = torch.tensor([ids], device=pipe.device)
+        if sampler.cache != "none" or sampler.parallel != "schedule":  # the fast engine's settings
+            x, _ = fill_masks_fast(pipe.model, x, answer, probe, mask_id=tok.mask_id,
+                                   vocab_size=pipe.model.config.vocab_size, generator=generator)
+        else:
+            x = fill_masks(pipe.model_fn, x, probe, mask_id=tok.mask_id, generator=generator, region=answer)
         out.append(tok.decode(x[0, answer].tolist()))
     return out
 
