@@ -10,8 +10,9 @@ Tasks:
 - free: 256 answer positions after real prompts (128 tokens of the training poems, then the title
   and author of a Tang poem the models never saw); quality = agreement with the reference's
   tokens and the text's NLL per character under the AR twin;
-- memorised: the rest of a known long poem (its first 128 tokens given, 256 to produce), scored by
-  character accuracy against the true text;
+- memorised: the rest of a known long poem: `--prompts` windows of the training documents long
+  enough (`--context` tokens given, 256 to produce; each document from its start, then further
+  in), scored by character accuracy against the true text;
 - memorised_short: the same within the length the twins were pretrained at: `--short-prompts`
   windows of those poems (`--short-context` tokens given, the rest of that length to produce), at
   evenly spaced offsets (the memorised task 384 tokens long reads positions the models never
@@ -48,7 +49,7 @@ from _common import RESULTS_DIR, nll_per_char, write_result
 
 from remask.app.pipeline import Pipeline
 from remask.data.corpora import tang300_poems
-from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, left_pad, load_holdout, probe_rows, score_answers
+from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, left_pad, load_holdout, probe_rows, probe_window, score_answers
 from remask.sampling import SamplerConfig, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
 from remask.sampling.fast import fill_masks_fast, generate_fast
@@ -145,10 +146,7 @@ def run_infill(method: Method, pipe: Pipeline, cases: list[tuple[list[int], slic
             wall += time.perf_counter() - t0
             passes += calls[0]
             answers.append(out[0, region].tolist())
-        useful = sum(len(a) for a in answers)
-        return answers, {"forward_passes": passes, "useful_tokens": useful, "wall_s": wall,
-                         "tokens_per_s": useful / wall if wall else 0.0,
-                         "tokens_per_forward": useful / passes if passes else 0.0}
+        return answers, cost_of(passes, sum(len(a) for a in answers), wall)
     return best_of(method.name, repeats, once)
 
 
@@ -189,9 +187,12 @@ def run_once(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[in
             end = next((i for i, t in enumerate(row) if t in stops), None)
             answers.append(row if end is None else row[:end + 1])
     useful = sum(len(a) - (1 if a and a[-1] in stops else 0) for a in answers)  # tokens before the end-of-text
-    return answers, {"forward_passes": passes, "useful_tokens": useful, "wall_s": wall,
-                     "tokens_per_s": useful / wall if wall else 0.0,
-                     "tokens_per_forward": useful / passes if passes else 0.0}
+    return answers, cost_of(passes, useful, wall)
+
+
+def cost_of(passes: int, useful: int, wall: float) -> dict:
+    return {"forward_passes": passes, "useful_tokens": useful, "wall_s": wall,
+            "tokens_per_s": useful / wall if wall else 0.0, "tokens_per_forward": useful / passes if passes else 0.0}
 
 
 def char_accuracy(produced: str, truth: str) -> float:
@@ -232,28 +233,12 @@ def free_prompts(pipe: Pipeline, docs: list[str], count: int, contexts: list[int
     return out
 
 
-def memorised_prompts(pipe: Pipeline, docs: list[str], count: int, context: int,
-                      length: int) -> tuple[list[list[int]], list[str]]:
-    """The first `context` tokens of each of the `count` longest training poems and their next
-    `length` characters (only documents that long: benchmarks/reversal.py's `--long-poems`)."""
-    tok = pipe.tokenizer
-    prompts, truths = [], []
-    long_enough = [d for d in sorted(set(docs), key=lambda d: -len(d)) if len(tok.encode(d)) + 1 >= context + length]
-    if not long_enough:
-        sys.exit(f"error: no training document holds {context} + {length} tokens (benchmarks/reversal.py --long-poems)")
-    for text in long_enough[:count]:
-        ids = [tok.bos_id, *tok.encode(text)]
-        prompts.append(ids[:context])
-        truths.append(tok.decode(ids[context:context + length]))
-    return prompts, truths
-
-
 def memorised_windows(pipe: Pipeline, docs: list[str], count: int, context: int, length: int, min_tokens: int,
                       shift: float = 0.0) -> tuple[list[list[int]], list[str]]:
-    """`count` windows of `context` tokens and the next `length` characters' worth of tokens,
-    taken in turn from each training document of at least `min_tokens` tokens (the memorised
-    task's long poems, each in the corpus once, so the prompt determines its continuation) at
-    evenly spaced offsets, moved by `shift` of the spacing (0.5 gives windows between those of 0)."""
+    """`count` windows of `context` tokens and the text of the next `length` tokens, taken in
+    turn from each training document of at least `min_tokens` tokens (the memorised task's long
+    poems, each in the corpus once, so the prompt determines its continuation) at evenly spaced
+    offsets, moved by `shift` of the spacing (0.5 gives windows between those of 0)."""
     tok = pipe.tokenizer
     long = [[tok.bos_id, *tok.encode(d)] for d in sorted(set(docs), key=lambda d: -len(d))]
     long = [ids for ids in long if len(ids) >= min_tokens]
@@ -278,8 +263,7 @@ def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
     tok = pipe.tokenizer
     cases, prefixes, golds = [], [], []
     for pair, (before, n, after, known_first) in zip(pairs, probe_rows(tok, pairs, direction, COUPLET)):
-        ids = before + [tok.mask_id] * n + after
-        cases.append((ids + [tok.mask_id] * max(0, window - len(ids)), slice(len(before), len(before) + n)))
+        cases.append(probe_window(before, n, after, tok.mask_id, window))
         prefixes.append(before if known_first else None)
         golds.append(pair.halves(direction)[1])
     return cases, prefixes, golds
@@ -371,7 +355,7 @@ def main() -> None:
                     "ar_nll_per_char": statistics.fmean(nll_per_char(ar, [(p, a) for p, a in zip(free, answers) if a]))}
 
         keep("free", evaluate("free", free, score_free, methods(L, block), pipe, ar, L))
-    prompts, truths = memorised_prompts(pipe, docs, args.prompts, args.context, L)
+    prompts, truths = memorised_windows(pipe, docs, args.prompts, args.context, L, args.context + L)
 
     def against(truths: list[str]):
         def score(answers, ref):

@@ -323,6 +323,14 @@ def probe_rows(tok, pairs: list[Pair], direction: Direction, template: str) -> l
     return rows
 
 
+def probe_window(before: list[int], n: int, after: list[int], mask_id: int,
+                 window: int | None) -> tuple[list[int], slice]:
+    """A diffusion model's probe: the text with n masks for the unknown half, then masks up to
+    `window` tokens (never revealed); and the answer's region."""
+    ids = before + [mask_id] * n + after
+    return ids + [mask_id] * max(0, (window or 0) - len(ids)), slice(len(before), len(before) + n)
+
+
 def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, template: str,
                   sampler: SamplerConfig, seed: int = 0, batch_size: int = 32,
                   window: int | None = None) -> list[str | None]:
@@ -354,9 +362,7 @@ def probe_answers(pipe: Pipeline, pairs: list[Pair], direction: Direction, *, te
     out = []
     for i, (before, n, after, _) in enumerate(rows):
         generator = torch.Generator(device=pipe.device).manual_seed(seed + i)
-        ids = before + [tok.mask_id] * n + after
-        ids += [tok.mask_id] * max(0, (window or 0) - len(ids))
-        answer = slice(len(before), len(before) + n)
+        ids, answer = probe_window(before, n, after, tok.mask_id, window)
         probe = sampler.replace(steps=probe_steps(sampler, n), gen_length=n, block_length=None)
         x = torch.tensor([ids], device=pipe.device)
         if sampler.cache != "none" or sampler.parallel != "schedule":  # the fast engine's settings

@@ -106,6 +106,15 @@ class Row:
         self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.sampler.steps_per_block)[0]
         self.step_in_block, self.fresh, self.past = 0, False, None
 
+    def next_block(self, first: int, mask_id: int) -> None:
+        """Move to the first block from `first` on that holds a mask and start it; past the last
+        block when none does (a block with nothing to reveal costs no step)."""
+        self.block = first
+        while self.block < len(self.blocks) and not (self.seq[self.current] == mask_id).any():
+            self.block += 1
+        if self.block < len(self.blocks):
+            self.start_block(mask_id)
+
 
 class Engine:
     """Denoises many rows at once; rows join with `add` and leave when finished (see the module doc)."""
@@ -156,12 +165,9 @@ class Engine:
     def _admit(self, row: Row) -> Row:
         row.reveal_step = torch.full_like(row.seq, -1)
         row.blocks = block_slices(row.prompt_len, row.sampler.gen_length, row.sampler.effective_block_length)
-        row.block = 0
-        while row.block < len(row.blocks) and not (row.seq[row.current] == self.mask_id).any():
-            row.block += 1  # a block with nothing to reveal (an infill region's text)
+        row.next_block(0, self.mask_id)  # an infill region may start with text
         row.finished = row.block >= len(row.blocks)
         if not row.finished:
-            row.start_block(self.mask_id)
             self.rows.append(row)
         return row
 
@@ -294,11 +300,7 @@ class Engine:
         ended = sampler.stop_at_eos and row.stop.numel() > 0 and bool(
             answers_ended(row.seq[None], row.prompt_len, row.stop, self.mask_id)[0])
         if not (row.seq[block] == self.mask_id).any() or row.step_in_block == sampler.steps_per_block:
-            row.block += 1
-            while row.block < len(row.blocks) and not (row.seq[row.current] == self.mask_id).any():
-                row.block += 1
-            if row.block < len(row.blocks):
-                row.start_block(self.mask_id)
+            row.next_block(row.block + 1, self.mask_id)
         row.ended = ended
         row.finished = ended or row.block >= len(row.blocks)
         if row.on_step is not None:
