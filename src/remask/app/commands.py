@@ -342,6 +342,7 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
                 questions = [question(kind, direction, p)[0] for p in pairs]
                 answers = answer_questions(pipe, questions, sampler=sampler, max_new_tokens=sampler.gen_length,
                                            seed=seed, batch_size=batch_size)
+            row.setdefault("answers", {})[direction] = answers
             scored = score_answers(answers, golds)
             row[direction], row[f"{direction}_exact"], row["n"] = scored["accuracy"], scored["exact"], scored["n"]
         report["models"][str(directory)] = row
