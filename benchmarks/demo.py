@@ -29,9 +29,9 @@ import torch
 from _common import nll_per_char, write_result
 
 from remask.app.demo import DEMO_PROMPTS, DEMO_SAMPLING
-from remask.app.pipeline import Pipeline
+from remask.checkpoint.model_dir import TRAINING_NOTE
+from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
-from remask.train.loop import TRAINING_NOTE
 
 TARGET_DISTINCT = 0.8
 

@@ -42,7 +42,6 @@ from pathlib import Path
 
 from _common import RESULTS_DIR, write_result
 
-from remask.app.pipeline import Pipeline
 from remask.atomic import write_text
 from remask.data.corpora import tang300_poems
 from remask.data.facts import capitals
@@ -64,6 +63,7 @@ from remask.eval.reversal import (
     statement_documents,
     write_jsonl,
 )
+from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
 from remask.train.config import (
     CorpusData,

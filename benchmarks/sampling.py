@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from _common import RESULTS_DIR, nll_per_char, write_result
 
-from remask.app.pipeline import Pipeline
 from remask.data.corpora import tang300_poems
-from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, left_pad, load_holdout, probe_rows, probe_window, score_answers
+from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, probe_rows, probe_window, score_answers
+from remask.pipeline import Pipeline, left_pad
 from remask.sampling import SamplerConfig, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
 from remask.sampling.fast import fill_masks_fast, generate_fast
@@ -202,7 +202,7 @@ def char_accuracy(produced: str, truth: str) -> float:
 
 def pretrained_length(run_dir: Path) -> int:
     """The sequence length the twins were pretrained at (their training note; benchmarks/reversal.py's --seq-len)."""
-    from remask.train.loop import trained_seq_len
+    from remask.checkpoint.model_dir import trained_seq_len
 
     n = trained_seq_len(run_dir / "mdm" / "final")
     if n is None:

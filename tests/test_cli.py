@@ -13,8 +13,8 @@ import torch
 
 from remask.app.cli import main
 from remask.app.display import DenoisingView, render
-from remask.app.pipeline import Pipeline
 from remask.model import build_model
+from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
 from remask.tokenizer import Tokenizer
 
@@ -216,7 +216,8 @@ def test_chat_session_without_a_terminal(model_dir):
 def test_chat_commands_change_settings_and_ctrl_c_stops_only_the_answer(model_dir):
     import io
 
-    from remask.app.chat import ChatSession, parse_settings, terminal_chat
+    from remask.app.chat import ChatSession, terminal_chat
+    from remask.sampling.requests import sampler_from_words
 
     pipe = Pipeline.load(model_dir)
     session = ChatSession(pipe, SamplerConfig(gen_length=8, steps=8, block_length=4))
@@ -224,10 +225,10 @@ def test_chat_commands_change_settings_and_ctrl_c_stops_only_the_answer(model_di
     lines = "/set temperature=0.5 steps=4 cache=dual block_length=none\n/set steps=x\n/set colour=red\n/settings\n床前\n\n"
     terminal_chat(session, stdin=io.BytesIO(lines.encode()), stdout=out, stderr=err)
     assert session.sampler == SamplerConfig(gen_length=8, steps=4, block_length=None, temperature=0.5, cache="dual")
-    assert "steps takes an integer, got 'x'" in err.getvalue() and "expected KEY=VALUE" in err.getvalue()
+    assert "steps takes an integer, got 'x'" in err.getvalue() and "unknown sampler setting 'colour'" in err.getvalue()
     assert len(session.history) == 2
     with pytest.raises(Exception, match="must be one of"):
-        parse_settings(session.sampler, ["remasking=greedy"])
+        sampler_from_words(session.sampler, ["remasking=greedy"])
     # Ctrl-C while an answer is denoised: the answer is dropped, the chat goes on to the next message.
     real_ask = session.ask
     calls = []

@@ -231,9 +231,9 @@ def test_rows_that_join_later_get_the_answers_they_get_alone(model):
     engine.step()
     rows.append(engine.add(prompts[2], samplers[2]))
     finished = []
-    while engine.rows:
+    while engine.active:
         finished += engine.step()
-    assert {id(r) for r in finished} | {id(rows[0])} >= {id(r) for r in rows[1:]}
+    assert {id(r.row) for r in finished} | {id(rows[0])} >= {id(r) for r in rows[1:]}
     assert [r.seq.tolist() for r in rows] == [alone(i) for i in range(3)]
 
 

@@ -134,8 +134,8 @@ def test_infill_and_answers_on_a_model_that_knows_one_couplet(poem_tokenizer):
 
     from torch import nn
 
-    from remask.app.pipeline import Pipeline
     from remask.eval.reversal import infill_answers
+    from remask.pipeline import Pipeline
     from remask.sampling import SamplerConfig
 
     tok = poem_tokenizer
@@ -167,8 +167,8 @@ def test_probes_on_a_diffusion_model_that_knows_each_statement(poem_tokenizer):
 
     from torch import nn
 
-    from remask.app.pipeline import Pipeline
     from remask.eval.reversal import probe_answers
+    from remask.pipeline import Pipeline
     from remask.sampling import SamplerConfig
 
     tok = poem_tokenizer
@@ -216,8 +216,8 @@ def test_a_probe_in_a_window_reads_the_training_length_and_reveals_only_the_answ
 
     from torch import nn
 
-    from remask.app.pipeline import Pipeline
     from remask.eval.reversal import probe_answers
+    from remask.pipeline import Pipeline
     from remask.sampling import SamplerConfig
 
     tok = poem_tokenizer
@@ -259,8 +259,8 @@ def test_a_probe_in_a_window_reads_the_training_length_and_reveals_only_the_answ
 def test_probes_on_the_ar_twin_equal_uncached_greedy_decoding(ar_model_dir, poem_tokenizer):
     """Batched, left-padded, KV-cached probing gives each pair the tokens of a plain greedy loop over
     the whole text (the oracle); a template with the unknown half first cannot be put to it."""
-    from remask.app.pipeline import Pipeline
     from remask.eval.reversal import probe_answers
+    from remask.pipeline import Pipeline
     from remask.sampling import SamplerConfig
 
     pipe = Pipeline.load(ar_model_dir)
@@ -319,8 +319,8 @@ def test_eval_reversal_command_in_each_mode(model_dir, ar_model_dir, tmp_path, c
 def test_probes_take_the_fast_engines_settings(model_dir):
     """A cache or a parallel rule in the sampler is honoured, not dropped: with threshold decoding
     at a threshold every prediction passes, each probe is one forward pass instead of one per mask."""
-    from remask.app.pipeline import Pipeline
     from remask.eval.reversal import infill_answers
+    from remask.pipeline import Pipeline
     from remask.sampling import SamplerConfig
 
     pipe = Pipeline.load(model_dir)

@@ -19,8 +19,8 @@ import torch
 import uvicorn
 from torch import nn
 
-from remask.app.pipeline import Pipeline
 from remask.model import KV
+from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
 from remask.serve.api import create_app
 

@@ -6,11 +6,11 @@ cheap until torch is actually needed.
 
 import importlib
 
-__all__ = ["PRESETS", "ModelConfig", "Transformer", "build_model", "preset"]
+__all__ = ["PRESETS", "ModelConfig", "Pipeline", "Transformer", "build_model", "preset"]
 __version__ = "0.1.0"
 
 _LAZY = {"PRESETS": "remask.config", "ModelConfig": "remask.config", "preset": "remask.config",
-         "Transformer": "remask.model", "build_model": "remask.model"}
+         "Transformer": "remask.model", "build_model": "remask.model", "Pipeline": "remask.pipeline"}
 
 
 def __getattr__(name):

@@ -6,16 +6,15 @@ strings."""
 from __future__ import annotations
 
 import sys
-import types
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from remask.app.display import DenoisingView
-from remask.app.pipeline import Generation, Pipeline
 from remask.errors import RemaskError
+from remask.pipeline import Generation, Pipeline
 from remask.sampling import SamplerConfig, StepInfo
+from remask.sampling.requests import sampler_from_words
 from remask.tokenizer import check_text, decode_utf8
 
 
@@ -58,38 +57,6 @@ HELP = """commands:
   /reset               forget the dialogue
   /help                this list
 an empty line or Ctrl-D ends the chat; Ctrl-C stops the answer being written"""
-
-
-def parse_settings(sampler: SamplerConfig, words: list[str]) -> SamplerConfig:
-    """`sampler` with KEY=VALUE changes, each value read as its field's type (none -> None)."""
-    hints = typing.get_type_hints(SamplerConfig)
-    known = {f.name for f in fields(SamplerConfig)}
-    changes = {}
-    for word in words:
-        key, sep, text = word.partition("=")
-        if not sep or key not in known:
-            raise RemaskError(f"expected KEY=VALUE with KEY one of {', '.join(sorted(known))}, got {word!r}")
-        tp = hints[key]
-        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        value: object = text
-        if text.lower() in ("none", "null") and type(None) in options:
-            value = None
-        elif bool in options:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise RemaskError(f"{key} takes true or false, got {text!r}")
-            value = text.lower() in ("true", "1", "yes", "on")
-        elif int in options:
-            try:
-                value = int(text)
-            except ValueError:
-                raise RemaskError(f"{key} takes an integer, got {text!r}") from None
-        elif float in options:
-            try:
-                value = float(text)
-            except ValueError:
-                raise RemaskError(f"{key} takes a number, got {text!r}") from None
-        changes[key] = value
-    return sampler.replace(**changes)
 
 
 def read_line(stream: BinaryIO) -> str | None:
@@ -146,7 +113,7 @@ def command(session: ChatSession, words: list[str], out: TextIO) -> None:
         print(" ".join(f"{k}={v}" for k, v in session.sampler.to_dict().items()), file=out)
     else:
         try:
-            session.sampler = parse_settings(session.sampler, words[1:])
+            session.sampler = sampler_from_words(session.sampler, words[1:])
         except RemaskError as e:
             print(f"error: {e}", file=out)
             return

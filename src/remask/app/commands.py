@@ -99,7 +99,7 @@ def generate(model: Path, prompt: str | None = None, prompt_file: Path | None = 
         show: Show the denoising live in the terminal (tokens coloured by reveal step).
     """
     from remask.app.display import DenoisingView
-    from remask.app.pipeline import Pipeline, check_seed
+    from remask.pipeline import Pipeline, check_seed
 
     text = read_prompt(prompt, prompt_file)
     check_seed(seed)
@@ -127,7 +127,7 @@ def chat(model: Path, sampler: Annotated[SamplerConfig, Flat] = CHAT_SAMPLER, se
         device: cpu, cuda or cuda:N.
     """
     from remask.app.chat import ChatSession, terminal_chat
-    from remask.app.pipeline import Pipeline, check_seed
+    from remask.pipeline import Pipeline, check_seed
 
     check_seed(seed)
     terminal_chat(ChatSession(Pipeline.load(model, device=device), sampler, seed=seed))
@@ -299,7 +299,7 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         device: cpu, cuda or cuda:N.
         json: Print one JSON object.
     """
-    from remask.app.pipeline import Pipeline, check_seed
+    from remask.checkpoint.model_dir import trained_seq_len
     from remask.eval.reversal import (
         DIRECTIONS,
         Pair,
@@ -311,7 +311,7 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         score_answers,
         statements,
     )
-    from remask.train.loop import trained_seq_len
+    from remask.pipeline import Pipeline, check_seed
 
     check_seed(seed)
     if not model:
@@ -412,7 +412,7 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         from remask.serve.api import create_app
     except ImportError:
         raise RemaskError("remask serve needs FastAPI and uvicorn: pip install 'remask[serve]'") from None
-    from remask.app.pipeline import Pipeline
+    from remask.pipeline import Pipeline
 
     for label, value in (("--max-tokens-limit", max_tokens_limit), ("--max-batch", max_batch), ("--max-queue", max_queue),
                          ("--port", port)):

@@ -81,7 +81,7 @@ def demo(*, out: Path = DEMO_TRAINING.run.out, retrain: bool = False, samples: i
 
 def kept_message(final: Path) -> str:
     """Which training step final/ holds (run.final: the last step, or the best validation bound)."""
-    from remask.train.loop import read_training_note
+    from remask.checkpoint.model_dir import read_training_note
 
     note = read_training_note(final)
     if "step" not in note:
@@ -98,7 +98,7 @@ def kept_message(final: Path) -> str:
 
 def show_samples(model_dir: Path, samples: int, seed: int) -> None:
     from remask.app.display import DenoisingView
-    from remask.app.pipeline import Pipeline
+    from remask.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir)
     sampler = DEMO_SAMPLING

@@ -4,7 +4,9 @@ config.json names, would make every later step wrong)."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,24 @@ from remask.device import resolve_device
 from remask.errors import RemaskError
 from remask.model import Transformer
 from remask.tokenizer import Tokenizer
+
+TRAINING_NOTE = "remask_training.json"  # in final/: which step it holds and why
+
+
+def read_training_note(directory: str | Path) -> dict:
+    """A model directory's training note, {} when it has none or it cannot be read (a model
+    trained elsewhere, or an old one)."""
+    try:
+        note = json.loads((Path(directory) / TRAINING_NOTE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def trained_seq_len(directory: str | Path) -> int | None:
+    """The sequence length a pretrained model read (its training note's seq_len), None if unknown."""
+    n = read_training_note(directory).get("seq_len")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def check_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer, where: str | os.PathLike[str]) -> None:

@@ -22,10 +22,10 @@ from typing import Literal
 
 import torch
 
-from remask.app.pipeline import Pipeline
 from remask.data.corpora import Poem, parse_jsonl_file
 from remask.data.facts import capitals
 from remask.errors import RemaskError
+from remask.pipeline import Pipeline, left_pad
 from remask.sampling import SamplerConfig, fill_masks
 from remask.sampling.autoregressive import ar_generate_cached
 from remask.sampling.fast import fill_masks_fast, generate_fast
@@ -252,17 +252,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 # --- answering --------------------------------------------------------------------------------------
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask), both (B, longest): rows aligned to the right, padding marked 0."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row):] = torch.tensor(row)
-        attention[r, width - len(row):] = 1
-    return ids.to(device), attention.to(device)
 
 
 def answer_questions(pipe: Pipeline, questions: list[str], *, sampler: SamplerConfig, max_new_tokens: int,

@@ -76,9 +76,30 @@ def reveal_counts(score: Tensor, entropy: Tensor, masked: Tensor, sampler: Sampl
     return torch.minimum(torch.maximum(n, torch.maximum(at_least, torch.ones_like(n))), n_masked)
 
 
+@dataclass(frozen=True)
+class RowResult:
+    """A finished row: the handle `Engine.add` returned, the whole sequence (prompt + answer
+    positions), and per position the global step that revealed it (-1: given, never revealed)."""
+
+    row: Row
+    seq: list[int]
+    reveal_step: list[int]
+    prompt_len: int
+    ended: bool  # finished at an end-of-text
+
+    @property
+    def answer(self) -> list[int]:
+        return self.seq[self.prompt_len:]
+
+    @property
+    def answer_reveal_step(self) -> list[int]:
+        return self.reveal_step[self.prompt_len:]
+
+
 @dataclass(eq=False)
 class Row:
-    """One answer being denoised."""
+    """One answer being denoised. Outside the engine it is a handle: pass it to `Engine.remove`,
+    read what it became from the `RowResult` that `step` or `run` returns for it."""
 
     seq: Tensor  # (L,) prompt + answer positions
     prompt_len: int
@@ -102,6 +123,9 @@ class Row:
     def current(self) -> slice:
         return self.blocks[self.block]
 
+    def result(self) -> RowResult:
+        return RowResult(self, self.seq.tolist(), self.reveal_step.tolist(), self.prompt_len, self.ended)
+
     def start_block(self, mask_id: int) -> None:
         self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.sampler.steps_per_block)[0]
         self.step_in_block, self.fresh, self.past = 0, False, None
@@ -119,9 +143,14 @@ class Row:
 class Engine:
     """Denoises many rows at once; rows join with `add` and leave when finished (see the module doc)."""
 
-    def __init__(self, model: Callable, *, mask_id: int, vocab_size: int, eos_ids: Sequence[int] = ()) -> None:
+    def __init__(self, model: Callable, *, mask_id: int, vocab_size: int, eos_ids: Sequence[int] = (),
+                 max_length: int | None = None) -> None:
+        """`max_length`: the longest sequence a row may reach (default: the model's
+        config.max_sequence_length when it has one; None: unchecked)."""
         self.model, self.mask_id, self.vocab_size = model, mask_id, vocab_size
         self.eos_ids = list(eos_ids)
+        config = getattr(model, "config", None)
+        self.max_length = max_length if max_length is not None else getattr(config, "max_sequence_length", None)
         self.rows: list[Row] = []
         self.stats = SamplingStats()
 
@@ -129,12 +158,24 @@ class Engine:
     def device(self) -> torch.device:
         return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
 
+    @property
+    def active(self) -> int:
+        """Rows still being denoised."""
+        return len(self.rows)
+
+    def check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        """RemaskError unless a row of `prompt_tokens` + `new_tokens` fits the model's context."""
+        if self.max_length is not None and prompt_tokens + new_tokens > self.max_length:
+            raise RemaskError(f"prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceeds the "
+                              f"model's context of {self.max_length} tokens")
+
     def add(self, prompt: Sequence[int] | Tensor, sampler: SamplerConfig, *, generator: torch.Generator | None = None,
             on_step: Callable[[StepInfo], None] | None = None) -> Row:
         """A new row: its prompt ids (no padding) and its own settings; it starts at the next step."""
         if sampler.cfg_scale and sampler.cache != "none":
             raise RemaskError("classifier-free guidance needs two caches; use cfg_scale with cache none")
         prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
+        self.check_length(prompt.numel(), sampler.gen_length)
         check_prompt(prompt[None], None, self.mask_id)
         seq = append_masks(prompt[None], None, sampler.gen_length, self.mask_id, anchor_id(sampler, self.eos_ids))[0][0]
         row = Row(seq, prompt.numel(), sampler, generator, torch.tensor(self.eos_ids, dtype=torch.long,
@@ -151,6 +192,7 @@ class Engine:
         sampler.gen_length must be the region's length. The row ends when the region is revealed
         (an end-of-text inside it is a token like any other, as in `fill_masks`)."""
         seq = torch.as_tensor(ids, dtype=torch.long, device=self.device).clone()
+        self.check_length(seq.numel(), 0)
         if seq.dim() != 1 or not 0 <= region.start < region.stop <= seq.numel() or region.step not in (None, 1):
             raise RemaskError(f"region {region} is not a non-empty range of the {seq.numel()} positions")
         if sampler.gen_length != region.stop - region.start:
@@ -171,8 +213,8 @@ class Engine:
             self.rows.append(row)
         return row
 
-    def step(self) -> list[Row]:
-        """One reverse step of every active row; returns the rows that finished with it."""
+    def step(self) -> list[RowResult]:
+        """One reverse step of every active row; returns the results of those that finished with it."""
         if not self.rows:
             return []
         full = [r for r in self.rows if r.sampler.cache == "none" or not r.fresh]
@@ -187,7 +229,7 @@ class Engine:
             row.passes += 1
             self._reveal(row, logits[id(row)])
             if row.finished:
-                finished.append(row)
+                finished.append(row.result())
         self.rows = [r for r in self.rows if not r.finished]
         return finished
 
@@ -195,9 +237,13 @@ class Engine:
         """Drop a row (its request was cancelled); it costs nothing from the next step on."""
         self.rows = [r for r in self.rows if r is not row]
 
-    def run(self) -> None:
+    def run(self) -> list[RowResult]:
+        """Step until every row has finished; their results, finished ones first in the order
+        they finished (a row added already finished has no result here: read `row.result()`)."""
+        results = []
         while self.rows:
-            self.step()
+            results += self.step()
+        return results
 
     # --- the passes ---------------------------------------------------------------------------
     def _full_pass(self, rows: list[Row]) -> dict[int, Tensor]:

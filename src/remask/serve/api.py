@@ -33,8 +33,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from remask.app.pipeline import Generation, Pipeline
 from remask.errors import RemaskError
+from remask.pipeline import Generation, Pipeline
 from remask.sampling import SamplerConfig
 from remask.serve.batcher import Batcher, Job, QueueFull, StepEvent, answer_tokens
 

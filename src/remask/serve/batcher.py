@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from remask.app.pipeline import Generation, Pipeline
+from remask.pipeline import Generation, Pipeline
 from remask.sampling import SamplerConfig, StepInfo
 from remask.sampling.fast import Engine, Row
 
@@ -131,7 +131,7 @@ class Batcher:
                 if job.cancelled.is_set():
                     self.engine.remove(job.row)
                     del self.active[key]
-            if not self.engine.rows:
+            if not self.engine.active:
                 continue
             try:
                 with torch.no_grad():
@@ -142,12 +142,11 @@ class Batcher:
                     self.engine.remove(job.row)
                 self.active.clear()
                 continue
-            for row in finished:
-                job = self.active.pop(id(row), None)
+            for result in finished:
+                job = self.active.pop(id(result.row), None)
                 if job is None:
                     continue
-                answer = row.seq[row.prompt_len:].tolist()
-                job.emit("done", self.pipe.answer(answer, row.reveal_step[row.prompt_len:].tolist()))
+                job.emit("done", self.pipe.answer(result.answer, result.answer_reveal_step))
                 with self.lock:
                     self.completed += 1
 

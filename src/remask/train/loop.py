@@ -24,6 +24,7 @@ from torch import nn
 
 from remask.atomic import atomic_dir, remove_dir, write_json, write_text
 from remask.checkpoint import load_model, write_model_files
+from remask.checkpoint.model_dir import TRAINING_NOTE
 from remask.data.packing import Stream, step_generator
 from remask.errors import RemaskError
 from remask.model import Transformer
@@ -39,24 +40,6 @@ from remask.train.state import (
     restore_rng,
     write_step_checkpoint,
 )
-
-TRAINING_NOTE = "remask_training.json"  # in final/: which step it holds and why
-
-
-def read_training_note(directory: str | Path) -> dict:
-    """A model directory's training note, {} when it has none or it cannot be read (a model
-    trained elsewhere, or an old one)."""
-    try:
-        note = json.loads((Path(directory) / TRAINING_NOTE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return note if isinstance(note, dict) else {}
-
-
-def trained_seq_len(directory: str | Path) -> int | None:
-    """The sequence length a pretrained model read (its training note's seq_len), None if unknown."""
-    n = read_training_note(directory).get("seq_len")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 @dataclass

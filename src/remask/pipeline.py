@@ -1,22 +1,24 @@
-"""A loaded model directory (weights + tokenizer) and text-in, text-out generation through the
-fast sampler (`sampling.fast`: token-identical to the reference at temperature 0 with cache none
-and the schedule rule).
+"""The one door to generation: a loaded model directory (weights, tokenizer, training note) and
+text in, text out.
 
-The CLI, the demo, chat and the server all go through `Pipeline`, so they format prompts and
-read answers the same way. An answer ends at the first end-of-text (or end-of-turn) token the
-model predicts: `gen_length` is a limit, not a canvas to fill.
+Load (model directory -> model, tokenizer, special ids, training note), encode (text or chat turns
+-> ids, checked against the model's context), sample (the fast engine, or the AR twin's KV
+decoding) and cut and decode answers (one cutter, for end-of-text ids and stop strings). generate,
+chat, eval, serve, the demo and the benchmarks all go through here, so they format prompts and read
+answers the same way. An answer ends at the first end-of-text (or end-of-turn) token the model
+predicts: `gen_length` is a limit, not a canvas to fill.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from remask.checkpoint import load_model_dir
+from remask.checkpoint.model_dir import load_model_dir, read_training_note
 from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError
 from remask.model import Transformer
@@ -33,6 +35,23 @@ class Generation:
     ended: bool  # an end-of-text came within gen_length (under anchor_eos, the last may be the anchor: reveal step -1)
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(ids, attention_mask), both (B, longest): rows aligned to the right, padding marked 0."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[r, width - len(row):] = 1
+    return ids.to(device), attention.to(device)
+
+
+def cut_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(text before the earliest of the stop strings, whether one occurred)."""
+    cut = min((text.index(s) for s in stops if s and s in text), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
 def check_seed(seed: int) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"must be an integer in [0, 2**63), got {seed!r}", field="seed")
@@ -43,10 +62,27 @@ def check_seed(seed: int) -> int:
 class Pipeline:
     model: Transformer
     tokenizer: Tokenizer
+    note: dict = field(default_factory=dict)  # the training note (remask_training.json), {} if none
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
-        return cls(*load_model_dir(directory, device=device, dtype=dtype))
+        model, tokenizer = load_model_dir(directory, device=device, dtype=dtype)
+        return cls(model, tokenizer, read_training_note(directory))
+
+    @property
+    def context(self) -> int:
+        """The longest sequence (prompt + answer) the model accepts."""
+        return self.model.config.max_sequence_length
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.model.config.causal)
+
+    def check_context(self, prompt_tokens: int, new_tokens: int, *, what: str = "prompt") -> None:
+        """RemaskError unless `prompt_tokens + new_tokens` fit the model's context."""
+        if prompt_tokens + new_tokens > self.context:
+            raise RemaskError(f"{what} ({prompt_tokens} tokens) + {new_tokens} new tokens exceeds the "
+                              f"model's context of {self.context} tokens")
 
     @property
     def device(self) -> torch.device:
@@ -69,13 +105,16 @@ class Pipeline:
         bos = self.tokenizer.bos_id
         return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt, where="prompt")
 
-    def answer(self, ids: list[int], reveal_step: list[int]) -> Generation:
-        """Cut a sampled answer at its first stop token."""
-        stops = set(self.stop_ids())
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
+    def answer(self, ids: list[int], reveal_step: list[int] | None = None, stops: Sequence[str] = ()) -> Generation:
+        """Cut a sampled answer at its first stop token, then its text at the first stop string
+        (`ended` either way)."""
+        reveal_step = [0] * len(ids) if reveal_step is None else reveal_step
+        ends = set(self.stop_ids())
+        end = next((i for i, t in enumerate(ids) if t in ends), None)
         cut = len(ids) if end is None else end
         keep = len(ids) if end is None else end + 1
-        return Generation(self.tokenizer.decode(ids[:cut]), ids[:keep], reveal_step[:keep], end is not None)
+        text, stopped = cut_text(self.tokenizer.decode(ids[:cut]), stops)
+        return Generation(text, ids[:keep], reveal_step[:keep], end is not None or stopped)
 
     def generate(self, prompt: str | list[dict], sampler: SamplerConfig, *, chat: bool = False, seed: int = 0,
                  on_step: Callable[[StepInfo], None] | None = None) -> Generation:
@@ -100,15 +139,12 @@ class Pipeline:
         """The fast sampler's engine, a row (with its own generator) per prompt."""
         engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
                         eos_ids=self.stop_ids())
-        limit = self.model.config.max_sequence_length
         rows = []
         for ids, seed in zip(prompts, seeds):
             check_seed(seed)
-            if len(ids) + sampler.gen_length > limit:
-                raise RemaskError(f"prompt ({len(ids)} tokens) + gen_length ({sampler.gen_length}) exceeds the "
-                                  f"model's context of {limit} tokens")
             generator = torch.Generator(device=self.device).manual_seed(seed)
             rows.append(engine.add(ids, sampler, generator=generator, on_step=on_step))
         with torch.no_grad():
             engine.run()
-        return [self.answer(row.seq[row.prompt_len:].tolist(), row.reveal_step[row.prompt_len:].tolist()) for row in rows]
+        results = [row.result() for row in rows]
+        return [self.answer(r.answer, r.answer_reveal_step) for r in results]
