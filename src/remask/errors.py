@@ -18,3 +18,11 @@ class ConfigError(RemaskError):
     def __init__(self, detail: str, *, field: str | None = None, owner: type | None = None) -> None:
         self.detail, self.field, self.owner = detail, field, owner
         super().__init__(f"{field} {detail}" if field else detail)
+
+
+def check_fits(prompt_tokens: int, new_tokens: int, context: int | None, *, what: str = "prompt") -> None:
+    """RemaskError unless `prompt_tokens + new_tokens` fit a model's context (None: unchecked).
+    The one wording of the context check, whichever surface (CLI, eval, serve, engine) meets it."""
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise RemaskError(f"{what} ({prompt_tokens} tokens) + {new_tokens} new tokens exceeds the "
+                          f"model's context of {context} tokens")

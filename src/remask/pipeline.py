@@ -20,9 +20,10 @@ from torch import Tensor
 
 from remask.checkpoint.model_dir import load_model_dir, read_training_note
 from remask.config import SEED_LIMIT
-from remask.errors import ConfigError, RemaskError
+from remask.errors import ConfigError, RemaskError, check_fits
 from remask.model import Transformer
 from remask.sampling import SamplerConfig, StepInfo
+from remask.sampling.autoregressive import ar_generate_cached
 from remask.sampling.fast import Engine
 from remask.tokenizer import Tokenizer
 
@@ -80,9 +81,7 @@ class Pipeline:
 
     def check_context(self, prompt_tokens: int, new_tokens: int, *, what: str = "prompt") -> None:
         """RemaskError unless `prompt_tokens + new_tokens` fit the model's context."""
-        if prompt_tokens + new_tokens > self.context:
-            raise RemaskError(f"{what} ({prompt_tokens} tokens) + {new_tokens} new tokens exceeds the "
-                              f"model's context of {self.context} tokens")
+        check_fits(prompt_tokens, new_tokens, self.context, what=what)
 
     @property
     def device(self) -> torch.device:
@@ -105,10 +104,12 @@ class Pipeline:
         bos = self.tokenizer.bos_id
         return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt, where="prompt")
 
-    def answer(self, ids: list[int], reveal_step: list[int] | None = None, stops: Sequence[str] = ()) -> Generation:
-        """Cut a sampled answer at its first stop token, then its text at the first stop string
-        (`ended` either way)."""
+    def answer(self, ids: list[int], reveal_step: list[int] | None = None, stops: Sequence[str] = (), *,
+               limit: int | None = None) -> Generation:
+        """Cut a sampled answer at its first `limit` ids (a max_tokens shorter than the canvas),
+        then at its first stop token, then its text at the first stop string (`ended` for either)."""
         reveal_step = [0] * len(ids) if reveal_step is None else reveal_step
+        ids, reveal_step = ids[:limit], reveal_step[:limit]
         ends = set(self.stop_ids())
         end = next((i for i, t in enumerate(ids) if t in ends), None)
         cut = len(ids) if end is None else end
@@ -117,34 +118,54 @@ class Pipeline:
         return Generation(text, ids[:keep], reveal_step[:keep], end is not None or stopped)
 
     def generate(self, prompt: str | list[dict], sampler: SamplerConfig, *, chat: bool = False, seed: int = 0,
-                 on_step: Callable[[StepInfo], None] | None = None) -> Generation:
+                 stops: Sequence[str] = (), on_step: Callable[[StepInfo], None] | None = None) -> Generation:
         """Sample an answer to one prompt (text, or a dialogue's messages); `on_step` sees every
         denoising step."""
-        return self.generate_ids(self.encode_prompt(prompt, chat=chat), sampler, seed=seed, on_step=on_step)
+        return self.sample([self.encode_prompt(prompt, chat=chat)], sampler, [seed], stops=stops, on_step=on_step)[0]
 
     def generate_many(self, prompts: list[str], sampler: SamplerConfig, seeds: list[int]) -> list[Generation]:
-        """One answer per (prompt, seed), denoised together as one batch; each equals
+        """One answer per (prompt, seed), sampled together as one batch; each equals
         `generate(prompt, sampler, seed=seed)` (every row has its own generator)."""
-        if len(prompts) != len(seeds):
-            raise RemaskError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        return self._denoise([self.encode_prompt(p) for p in prompts], sampler, seeds)
+        return self.sample([self.encode_prompt(p) for p in prompts], sampler, seeds)
 
     def generate_ids(self, prompt_ids: list[int], sampler: SamplerConfig, *, seed: int = 0,
                      on_step: Callable[[StepInfo], None] | None = None) -> Generation:
         """Sample an answer after already-encoded prompt ids."""
-        return self._denoise([prompt_ids], sampler, [seed], on_step)[0]
+        return self.sample([prompt_ids], sampler, [seed], on_step=on_step)[0]
 
-    def _denoise(self, prompts: list[list[int]], sampler: SamplerConfig, seeds: list[int],
-                 on_step: Callable[[StepInfo], None] | None = None) -> list[Generation]:
-        """The fast sampler's engine, a row (with its own generator) per prompt."""
+    def sample(self, prompts: list[list[int]], sampler: SamplerConfig, seeds: Sequence[int], *,
+               stops: Sequence[str] = (), on_step: Callable[[StepInfo], None] | None = None) -> list[Generation]:
+        """One answer per prompt's ids, each row with its own generator from its seed, so an answer
+        does not depend on its batch. A diffusion model denoises `sampler.gen_length` positions
+        through the fast engine; the AR twin decodes up to `gen_length` tokens left to right with its
+        KV cache (greedy at temperature 0; no denoising steps to show, so `on_step` is not called).
+        Answers end at the first end-of-text, then at the first of `stops`."""
+        if len(prompts) != len(seeds):
+            raise RemaskError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        for ids in prompts:
+            self.check_context(len(ids), sampler.gen_length)
+        generators = [torch.Generator(device=self.device).manual_seed(check_seed(seed)) for seed in seeds]
+        if not prompts:
+            return []
+        run = self._decode if self.causal else self._denoise
+        return [self.answer(ids, steps, stops) for ids, steps in run(prompts, sampler, generators, on_step)]
+
+    def _denoise(self, prompts: list[list[int]], sampler: SamplerConfig, generators: list[torch.Generator],
+                 on_step: Callable[[StepInfo], None] | None) -> list[tuple[list[int], list[int]]]:
+        """The fast sampler's engine, a row per prompt: (answer ids, reveal steps) per row."""
         engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
                         eos_ids=self.stop_ids())
-        rows = []
-        for ids, seed in zip(prompts, seeds):
-            check_seed(seed)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            rows.append(engine.add(ids, sampler, generator=generator, on_step=on_step))
+        rows = [engine.add(ids, sampler, generator=g, on_step=on_step) for ids, g in zip(prompts, generators)]
         with torch.no_grad():
             engine.run()
-        results = [row.result() for row in rows]
-        return [self.answer(r.answer, r.answer_reveal_step) for r in results]
+        return [(r.answer, r.answer_reveal_step) for r in (row.result() for row in rows)]
+
+    def _decode(self, prompts: list[list[int]], sampler: SamplerConfig, generators: list[torch.Generator],
+                on_step: Callable[[StepInfo], None] | None) -> list[tuple[list[int], list[int]]]:
+        """The AR twin's KV decoding of the left-padded batch: (answer ids, the step that wrote each)."""
+        ids, attention = left_pad(prompts, self.tokenizer.pad_id, self.device)
+        x, _ = ar_generate_cached(self.model, ids, sampler.gen_length, vocab_size=self.model.config.vocab_size,
+                                  eos_ids=self.stop_ids(), attention_mask=attention, temperature=sampler.temperature,
+                                  generator=generators)
+        answers = x[:, ids.shape[1]:].tolist()
+        return [(row, list(range(len(row)))) for row in answers]

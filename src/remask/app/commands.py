@@ -35,10 +35,11 @@ def info(directory: Annotated[Path, Positional], json: bool = False) -> None:
         directory: A model directory (LLaDA Hugging Face layout).
         json: Print one JSON object instead of text.
     """
-    from remask.checkpoint import checkpoint_bytes, load_model_dir
+    from remask.checkpoint import checkpoint_bytes
+    from remask.pipeline import Pipeline
 
-    model, tok = load_model_dir(directory)  # validates every tensor's name and shape (weights stay mapped)
-    cfg = model.config
+    pipe = Pipeline.load(directory)  # validates every tensor's name and shape (weights stay mapped)
+    cfg, tok = pipe.model.config, pipe.tokenizer
     special = {name: (tid, tok.decode([tid], skip_special=False) if tid is not None else None)
                for name, tid in tok.special_ids.items()}
     report = {
@@ -104,7 +105,8 @@ def generate(model: Path, prompt: str | None = None, prompt_file: Path | None = 
     text = read_prompt(prompt, prompt_file)
     check_seed(seed)
     pipe = Pipeline.load(model, device=device)
-    view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler) if show and not json else None
+    live = show and not json and not pipe.causal  # the AR twin writes left to right: no denoising to show
+    view = DenoisingView(pipe.tokenizer, pipe.stop_ids(), sampler) if live else None
     result = pipe.generate(text, sampler, chat=chat, seed=seed, on_step=view)
     if json:
         print(jsonlib.dumps({"text": result.text, "ids": result.ids, "reveal_step": result.reveal_step,
@@ -231,7 +233,7 @@ def eval_ppl(model: Path, data: str, scoring: Annotated[ScoringConfig, Flat] = S
 
     scorer, tok = open_scorer(model, scoring, device=device)
     docs = held_out_documents(data, split, val_fraction)
-    window = stride or scorer.max_len // 2
+    window = scorer.max_len // 2 if stride is None else stride  # 0 is refused by rolling_windows, not defaulted
     prefix = [tok.bos_id] if tok.bos_id is not None else []
     total = sum(len(rolling_windows(tok.encode(d), prefix, scorer.max_len, window)) for d in docs)
     bar = _progress(total, progress and not json, "windows")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from remask.data.corpora import parse_jsonl_file
-from remask.errors import RemaskError
+from remask.errors import RemaskError, check_fits
 from remask.eval.scoring import Score, Scorer, wilson_interval
 from remask.tokenizer import Tokenizer, check_text
 
@@ -100,8 +100,11 @@ def evaluate_choice(scorer: Scorer, tokenizer: Tokenizer, items: list[ChoiceItem
     accuracy_norm, the highest per `normalize` unit)."""
     correct = correct_norm = 0
     rows = []
-    for item in items:
-        scores = scorer.score([split_continuation(tokenizer, item.context, c) for c in item.choices])
+    for k, item in enumerate(items):
+        pairs = [split_continuation(tokenizer, item.context, c) for c in item.choices]
+        for j, (context, option) in enumerate(pairs):  # a context cut to fit would be scored silently wrong
+            check_fits(len(context), len(option), scorer.max_len, what=f"item {k + 1}: the context of option {j + 1}")
+        scores = scorer.score(pairs)
         raw = [s.log_likelihood for s in scores]
         norm = [normalised(s, c, normalize) for s, c in zip(scores, item.choices)]
         pred, pred_norm = raw.index(max(raw)), norm.index(max(norm))

@@ -13,13 +13,15 @@ The shipped local tasks live in `remask/eval/tasks/` (`tasks_dir()`; pass it as 
   end-of-text, is cut at the first `until` string and is at most `max_gen_toks` tokens long.
 
 Model arguments (`--model_args pretrained=DIR,mc_num=64,...`): `pretrained`, `mc_num`,
-`cfg_scale`, `seed`, `greedy_check`, `rolling_stride`, and the sampler's `block_length`,
-`tokens_per_step`, `temperature`, `remasking`. lm-eval passes `batch_size` and `device` itself.
+`cfg_scale`, `seed`, `greedy_check`, `rolling_stride`, `tokens_per_step`, and any sampler setting
+under its `SamplerConfig` name (`block_length`, `temperature`, `remasking`, `cache`, `parallel`,
+...; read by `remask.sampling.requests`, as serve and chat read them). lm-eval passes `batch_size`
+and `device` itself. Every request has its own generator (seed + its index), so an answer does not
+depend on its batch.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,12 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from remask.checkpoint import load_model_dir
 from remask.errors import RemaskError
 from remask.eval.perplexity import rolling_windows
 from remask.eval.scoring import Scorer, ScoringConfig
+from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig, generate
-from remask.sampling.fast import generate_fast
+from remask.sampling.requests import SETTINGS, answer_positions, check_names, sampler_from_fields
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -47,25 +49,24 @@ def tasks_dir() -> str:
 class RemaskLM(LM):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str | None = 32,
                  max_batch_size: int | None = None, mc_num: int = 128, cfg_scale: float = 0.0, seed: int = 0,
-                 greedy_check: bool = True, rolling_stride: int | None = None, block_length: int = 32,
-                 tokens_per_step: int = 1, temperature: float = 0.0, remasking: str = "low_confidence",
-                 **unknown: Any) -> None:
+                 greedy_check: bool = True, rolling_stride: int | None = None, tokens_per_step: int = 1,
+                 **settings: Any) -> None:
         super().__init__()
-        if unknown:
-            raise RemaskError(f"unknown remask model argument(s): {', '.join(sorted(unknown))}")
+        check_names(settings, allowed=[n for n in SETTINGS if n not in ("gen_length", "steps", "cfg_scale")])
         rows = 32 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
-        self.model, self.tokenizer = load_model_dir(str(pretrained), device=device or "cpu")
-        self._device = next(self.model.parameters()).device
+        self.pipe = Pipeline.load(str(pretrained), device=device or "cpu")
+        self.model, self.tokenizer = self.pipe.model, self.pipe.tokenizer
+        self._device = self.pipe.device
         scoring = ScoringConfig(mc_num=mc_num, batch_size=rows, cfg_scale=cfg_scale, seed=seed)
         self.scorer = Scorer(self.model, mask_id=self.tokenizer.mask_id, bos_id=self.tokenizer.bos_id,
                              scoring=scoring)
         self.batch_size, self.seed, self.greedy_check = rows, int(seed), bool(greedy_check)
-        self.max_len = self.model.config.max_sequence_length
+        self.max_len = self.pipe.context
         self.rolling_stride = rolling_stride or self.max_len // 2
-        SamplerConfig(block_length=block_length, gen_length=block_length, steps=block_length, temperature=temperature,
-                      remasking=remasking)  # checks the sampler arguments now, not at the first request
-        self.block_length, self.tokens_per_step = int(block_length), int(tokens_per_step)
-        self.temperature, self.remasking = float(temperature), remasking
+        block = settings.pop("block_length", 32)
+        self.base = sampler_from_fields(SamplerConfig(gen_length=block, steps=block, block_length=block,
+                                                      cfg_scale=cfg_scale), settings)  # checked now, not at a request
+        self.tokens_per_step = int(tokens_per_step)
         self.pretrained = str(pretrained)
         self._rendered: dict[str, list[int]] = {}  # chat-template strings we produced -> their ids
 
@@ -119,6 +120,8 @@ class RemaskLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
+        if self.model.config.causal:
+            raise RemaskError("generate_until samples by unmasking: it needs a diffusion model, not the AR twin")
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -128,55 +131,30 @@ class RemaskLM(LM):
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 contexts = [self.encode_context(requests[i].args[0])[-(self.max_len - gen_length):] for i in chunk]
-                answers = self._generate_batch(contexts, sampler)
-                for i, ids in zip(chunk, answers):
+                seeds = [self.seed + i for i in chunk]  # a request's answer does not depend on its batch
+                for i, ids in zip(chunk, self.pipe.sample(contexts, sampler, seeds, stops=())):
                     kwargs = dict(requests[i].args[1] or {})
-                    out[i] = self._finish(ids, kwargs)
+                    until = kwargs.get("until") or []
+                    limit = int(kwargs.get("max_gen_toks", 256))
+                    out[i] = self.pipe.answer(ids.ids, stops=[until] if isinstance(until, str) else until,
+                                              limit=limit).text
         return out  # type: ignore[return-value]
 
     # --- helpers ------------------------------------------------------------------------------------
     def _sampler_key(self, kwargs: dict) -> tuple[int, float]:
         max_tokens = int(kwargs.get("max_gen_toks", 256))
-        if max_tokens < 1:
-            raise RemaskError(f"max_gen_toks must be >= 1, got {max_tokens}")
-        block = min(self.block_length, max_tokens)
-        gen_length = min(math.ceil(max_tokens / block) * block, self.max_len - 1)
+        block = min(self.base.effective_block_length, max_tokens)
+        gen_length = min(answer_positions(max_tokens, block), self.max_len - 1)
         gen_length -= gen_length % block
-        temperature = float(kwargs.get("temperature", self.temperature)) if kwargs.get("do_sample") else self.temperature
+        temperature = float(kwargs.get("temperature", self.base.temperature)) if kwargs.get("do_sample") \
+            else self.base.temperature
         return gen_length, temperature
 
     def _sampler(self, gen_length: int, temperature: float) -> SamplerConfig:
-        block = min(self.block_length, gen_length)
+        block = min(self.base.effective_block_length, gen_length)
         blocks = gen_length // block
         steps = max(blocks, (gen_length // max(1, self.tokens_per_step)) // blocks * blocks)
-        return SamplerConfig(gen_length=gen_length, steps=steps, block_length=block, temperature=temperature,
-                             remasking=self.remasking, cfg_scale=self.scorer.scoring.cfg_scale)
-
-    def _generate_batch(self, contexts: list[list[int]], sampler: SamplerConfig) -> list[list[int]]:
-        if self.model.config.causal:
-            raise RemaskError("generate_until samples by unmasking: it needs a diffusion model, not the AR twin")
-        width = max(map(len, contexts))
-        ids = torch.full((len(contexts), width), self.tokenizer.pad_id, dtype=torch.long)
-        attention = torch.zeros(len(contexts), width, dtype=torch.long)
-        for row, ctx in enumerate(contexts):  # left padding
-            ids[row, width - len(ctx):] = torch.tensor(ctx)
-            attention[row, width - len(ctx):] = 1
-        generator = torch.Generator(device=self._device).manual_seed(self.seed)
-        stops = [i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None]
-        x, _ = generate_fast(self.model, ids.to(self._device), sampler, mask_id=self.tokenizer.mask_id,
-                             vocab_size=self.model.config.vocab_size, attention_mask=attention.to(self._device),
-                             eos_ids=stops, generator=generator)
-        return x[:, width:].tolist()
-
-    def _finish(self, ids: list[int], kwargs: dict) -> str:
-        stops = {i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None}
-        end = next((k for k, t in enumerate(ids) if t in stops or t == self.tokenizer.mask_id), len(ids))
-        text = self.tokenizer.decode(ids[: min(end, int(kwargs.get("max_gen_toks", 256)))])
-        until = kwargs.get("until") or []
-        for stop in [until] if isinstance(until, str) else until:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        return text
+        return self.base.replace(gen_length=gen_length, steps=steps, block_length=block, temperature=temperature)
 
     def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
         """Whether greedy decoding reproduces each continuation: the AR twin's argmax at every

@@ -61,7 +61,7 @@ def perplexity(scorer: Scorer, tokenizer: Tokenizer, documents: list[str], *, st
                progress: Callable[[int], None] | None = None) -> Perplexity:
     """Score every token of every document; `progress(n)` is told after each batch of n windows."""
     max_len = scorer.max_len
-    stride = stride or max_len // 2
+    stride = max_len // 2 if stride is None else stride
     prefix = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     requests, nbytes = [], 0
     for i, doc in enumerate(documents):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from remask.errors import RemaskError
+from remask.errors import RemaskError, check_fits
 from remask.model import KV
 from remask.sampling.config import SamplerConfig
 from remask.sampling.generate import StepInfo, anchor_id, answers_ended, append_masks, ban_tokens, check_prompt, select_top_k
@@ -165,9 +165,7 @@ class Engine:
 
     def check_length(self, prompt_tokens: int, new_tokens: int) -> None:
         """RemaskError unless a row of `prompt_tokens` + `new_tokens` fits the model's context."""
-        if self.max_length is not None and prompt_tokens + new_tokens > self.max_length:
-            raise RemaskError(f"prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceeds the "
-                              f"model's context of {self.max_length} tokens")
+        check_fits(prompt_tokens, new_tokens, self.max_length)
 
     def add(self, prompt: Sequence[int] | Tensor, sampler: SamplerConfig, *, generator: torch.Generator | None = None,
             on_step: Callable[[StepInfo], None] | None = None) -> Row:

@@ -50,8 +50,10 @@ def sampler_from_fields(base: SamplerConfig, fields: Mapping[str, Any], *, max_t
     given = {k: v for k, v in fields.items() if v is not None}
     if max_tokens is not None:
         block = given.get("block_length", min(base.effective_block_length, max_tokens))
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise ConfigError(f"must be an integer > 0, got {block!r}", field="block_length", owner=SamplerConfig)
+        if not isinstance(block, int) or isinstance(block, bool):
+            raise ConfigError(f"must be an integer, got {block!r}", field="block_length", owner=SamplerConfig)
+        if block < 1:  # SamplerConfig's own wording; checked here, before it divides max_tokens
+            raise ConfigError(f"must be > 0, got {block!r}", field="block_length", owner=SamplerConfig)
         gen_length = answer_positions(max_tokens, block)
         given = {"steps": gen_length} | given | {"gen_length": gen_length, "block_length": block}
     return base.replace(**given)
@@ -89,5 +91,5 @@ def parse_settings(words: Iterable[str]) -> dict[str, Any]:
 
 
 def sampler_from_words(base: SamplerConfig, words: Iterable[str]) -> SamplerConfig:
-    """`base` with `KEY=VALUE` changes."""
-    return sampler_from_fields(base, parse_settings(words))
+    """`base` with `KEY=VALUE` changes (`KEY=none` sets a field that allows it to None)."""
+    return base.replace(**parse_settings(words))
