@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import RESULTS_DIR
+from _common import RESULTS_DIR, run_main
 
 from remask.atomic import write_text
 
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
