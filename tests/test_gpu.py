@@ -27,21 +27,23 @@ def prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_forward_is_fp32_within_tolerance(causal):
-    """The same weights in bfloat16 (8 bits of mantissa): logits within a few hundredths of their
-    spread of the float32 ones, and the same argmax where float32's top two are not close."""
+    """The same weights in bfloat16: logits within a few hundredths of their spread of the float32
+    ones (a few tenths at worst), the same argmax where float32's lead is clear; float32 on CUDA
+    is the CPU's to rounding."""
     cfg = tiny_config(V, max_sequence_length=64, init_std=0.3, causal=causal)
     cpu = build_model(cfg, seed=3).eval()  # one set of weights, copied to each device and precision
     fp32 = build_model(cfg, seed=3).to("cuda").eval()
     bf16 = build_model(cfg, seed=3).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, V, (4, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(0, V, (4, 48), generator=torch.Generator().manual_seed(1)).to("cuda")
     with torch.no_grad():
         ref, low = fp32(ids), bf16(ids).float()  # (B, T, V)
-    scale = ref.std().item()
-    assert (low - ref).abs().max().item() < 0.05 * scale
+    scale, error = ref.std().item(), (low - ref).abs()
+    # bfloat16 keeps 8 bits of mantissa (0.4% per rounding), compounded over the layers: on the
+    # CPU this model's error is 1.3% of the logits' spread on average and 16% at worst
+    assert error.mean().item() < 0.03 * scale and error.max().item() < 0.3 * scale
     top2 = ref.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 0.1 * scale  # float32's argmax is not a near tie
-    assert clear.float().mean() > 0.5
-    assert torch.equal(low.argmax(-1)[clear], ref.argmax(-1)[clear])
+    clear = (top2[..., 0] - top2[..., 1]) > 0.6 * scale  # a lead no error above bounds can overturn
+    assert clear.any() and torch.equal(low.argmax(-1)[clear], ref.argmax(-1)[clear])
     with torch.no_grad():
         torch.testing.assert_close(cpu(ids.cpu()), ref.cpu(), atol=1e-4 * scale, rtol=1e-4)
 
