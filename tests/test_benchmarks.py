@@ -144,3 +144,36 @@ def test_interrupt_exits_130():
             "def main():\n    raise KeyboardInterrupt\nrun_main(main)")
     done = run_script("-c", code)
     assert done.returncode == 130 and "Traceback" not in done.stderr
+
+
+def numeric_leaves(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numeric_leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in numeric_leaves(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def test_docs_tables_are_generated_from_the_results(bench):
+    """README.md and docs/*.md hold their tables as results_readme.py renders them from the JSON
+    (run `python benchmarks/results_readme.py` after a benchmark), and every decimal figure in a
+    generated table is a value of the result files it names (or that value in thousands, millions
+    or billions), rounded as shown."""
+    import re
+
+    from docs_tables import BLOCK, documents
+    from results_readme import stale_documents
+
+    assert stale_documents(ROOT) == []
+    for path in documents(ROOT):
+        for block in BLOCK.finditer(path.read_text(encoding="utf-8")):
+            body = block.group(3)
+            names = set(re.findall(r"benchmarks/results/(\w+)\.json", body))
+            values = [v for n in names for v in numeric_leaves(json.loads((RESULTS / f"{n}.json").read_text()))]
+            if not names:  # the README's headline table links to the pages instead
+                values = [v for p in RESULTS.glob("*.json") for v in numeric_leaves(json.loads(p.read_text()))]
+            for shown in re.findall(r"(?<![\w.])\d[\d,]*\.\d+", body):
+                digits = len(shown.split(".")[1])
+                number = float(shown.replace(",", ""))
+                assert any(abs(v * scale - number) <= 0.5 * 10**-digits + 1e-9
+                           for v in values for scale in (1, 1e-3, 1e-6, 1e-9)), (path.name, block.group(2), shown)
