@@ -1,18 +1,26 @@
-"""Shared plumbing for benchmark scripts: where they ran, and writing `benchmarks/results/NAME.json`.
+"""Shared plumbing for benchmark scripts: where they ran, their argument parser and exit codes,
+and writing `benchmarks/results/NAME.json`.
 
-Every result file is `{"name", "commit", "date", "device", "settings": {...}, "results": {...}}`.
+Every result file is `{"name", "commit", "date", "device", "settings": {...}, "results": {...}}`:
+the file's commit and date are those of its last write. A script that runs in parts and merges
+them into the rows of earlier runs (sampling.json) stamps each row with its own commit and date
+(`stamp`), and `merge_rows` keeps them, so a row never claims a commit it was not measured at.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from remask.errors import RemaskError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +39,68 @@ def git_commit() -> str | None:
         return None
     commit = out.stdout.strip()
     return None if not commit else commit + ("+dirty" if status.stdout.strip() else "")
+
+
+def now() -> str:
+    """The current UTC time, as the result files write it (ISO 8601, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def stamp() -> dict[str, str | None]:
+    """{"commit", "date"} of a measurement taken now: what each merged row carries."""
+    return {"commit": git_commit(), "date": now()}
+
+
+def merge_rows(previous: list[dict], new: list[dict], key: str = "task") -> list[dict]:
+    """The rows of a merged result: `previous` rows whose `key` no new row has, then `new`. Each
+    row keeps the commit and date it carries (a run replaces whole tasks, never restamps others)."""
+    replaced = {r.get(key) for r in new}
+    return [r for r in previous if r.get(key) not in replaced] + list(new)
+
+
+def previous_results(name: str, out: Path | None = None) -> dict[str, Any]:
+    """The `results` of the existing result file (empty when there is none), for a merging script."""
+    path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))["results"] if path.exists() else {}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's rule: a bad argument raises RemaskError (one `error:` line, exit 2
+    under `run_main`) instead of printing the usage and exiting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", f"benchmarks/{Path(sys.argv[0]).name}")
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RemaskError(f"{message} (python {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a benchmark's main and exit as `remask` does: 0 (or main's code); bad input (RemaskError,
+    a bad argument) one `error: ...` line on stderr and 2; Ctrl-C 130."""
+    try:
+        code = main()
+    except RemaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # at once, as `remask` does (no SIGINT re-raised at shutdown)
+    sys.exit(code or 0)
 
 
 def _cpu_model() -> str:
@@ -72,7 +142,7 @@ def write_result(name: str, settings: dict[str, Any], results: dict[str, Any], o
     record = {
         "name": name,
         "commit": git_commit(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "device": device_name(device),
         "settings": settings,
         "results": results,

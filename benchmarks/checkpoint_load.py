@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, ArgumentParser, run_main, write_result
 
 from remask.checkpoint import INDEX_NAME, checkpoint_bytes, load_model, to_llada_config, to_llada_name
 from remask.config import ModelConfig
@@ -178,7 +178,7 @@ def run_variant(directory: Path, size_gb: float, dtype: str, shard_bytes: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size to generate (default 1.0)")
     parser.add_argument("--shard-gb", type=float, default=0.25, help="shard size of the sharded variant")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -217,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,19 +17,16 @@ benchmarks/results/demo.json.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import statistics
 import sys
 import unicodedata
 from pathlib import Path
 
 import torch
-from _common import nll_per_char, write_result
+from _common import ArgumentParser, nll_per_char, positive_int, run_main, write_result
 
 from remask.app.demo import DEMO_PROMPTS, DEMO_SAMPLING
-from remask.checkpoint.model_dir import TRAINING_NOTE
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
 
@@ -106,17 +103,16 @@ def setting_name(sampler: SamplerConfig) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("runs/demo/final"))
     ap.add_argument("--ar", type=Path, default=Path("runs/demo-ar/final"))
-    ap.add_argument("--seeds", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--seeds", type=positive_int, default=4, help="samples per prompt")
     ap.add_argument("--grid", action="store_true", help="also compare sampler settings")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     pipe, ar = Pipeline.load(args.model), Pipeline.load(args.ar)
-    note_path = args.model / TRAINING_NOTE
-    note = json.loads(note_path.read_text()) if note_path.exists() else {}
+    note = pipe.note  # the training note: which step final/ holds and why
     shipped = sample_all(pipe, ar, DEMO_SAMPLING, args.seeds)
     ship_summary = summary(shipped)
     print(f"shipped {DEMO_SAMPLING.to_dict()}: {ship_summary}", file=sys.stderr)
@@ -149,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,4 +1,6 @@
-"""Regenerate benchmarks/results/README.md from the result files beside it.
+"""Regenerate benchmarks/results/README.md from the result files beside it, and the generated
+tables of README.md and docs/*.md (docs_tables.py: each between `<!-- table: NAME -->` and
+`<!-- end table -->`), so that no figure in them drifts from the JSON.
 
     python benchmarks/results_readme.py
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import RESULTS_DIR
+from _common import REPO_ROOT, RESULTS_DIR, run_main
+from docs_tables import documents, render
 
 from remask.atomic import write_text
 
 SKIP_KEYS = ("examples", "curve", "samples", "items", "recipe", "questions", "prompts")
+ROW_LABELS = ("value", "method", "name", "task", "sampler", "settings", "model", "stamp_note", "stamped_later")  # named, or in the JSON
 
 
 def flatten(value, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
@@ -36,7 +40,7 @@ def flatten(value, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
             for i, v in enumerate(value):
                 label = v.get("value", v.get("method", v.get("name", i)))
                 label = f"{v['task']}/{label}" if "task" in v else label
-                rows += flatten({k: x for k, x in v.items() if k not in ("value", "method", "name", "task", "sampler")},
+                rows += flatten({k: x for k, x in v.items() if k not in ROW_LABELS},
                                 f"{prefix}[{label}]", depth + 1)
             return rows
         return [(prefix, f"({len(value)} entries, see the JSON)")]
@@ -62,6 +66,19 @@ def section(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stale_documents(root: Path = REPO_ROOT, write: bool = False) -> list[Path]:
+    """The documents whose generated tables differ from what the result files give (rewritten when `write`)."""
+    stale = []
+    for path in documents(root):
+        text = path.read_text(encoding="utf-8")
+        fresh = render(text)
+        if fresh != text:
+            stale.append(path)
+            if write:
+                write_text(path, fresh)
+    return stale
+
+
 def main() -> None:
     files = sorted(p for p in RESULTS_DIR.glob("*.json"))
     head = ["# Benchmark results", "",
@@ -73,7 +90,9 @@ def main() -> None:
     text = "\n".join(head) + "\n" + "\n".join(section(p) for p in files)
     write_text(RESULTS_DIR / "README.md", text)
     print(f"wrote {RESULTS_DIR / 'README.md'} ({len(files)} result files)")
+    for path in stale_documents(write=True):
+        print(f"rewrote the generated tables of {path.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

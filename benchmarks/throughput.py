@@ -9,11 +9,10 @@ Writes benchmarks/results/throughput.json.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from _common import write_result
+from _common import ArgumentParser, positive_int, run_main, write_result
 
 from remask.config import preset
 from remask.model import build_model
@@ -67,11 +66,11 @@ def measure(name: str, seq_len: int, batch: int, device: str, dtype: torch.dtype
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--seq-len", type=positive_int, default=256)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--iters", type=positive_int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -90,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,12 +11,13 @@ equal tokens, 1-process vs 2-process DDP throughput, and uniform vs stratified d
 - ddp: tokens/s of the same run as 1 process and as 2 processes (torchrun, gloo).
 - t_sampling: the MDM run of `validation` with t drawn per sequence (the paper) and stratified over
   the batch (`t_sampling: stratified`): step-to-step spread of the training loss, validation bound.
-Writes benchmarks/results/training.json (the parts that ran are merged into an existing file).
+Writes benchmarks/results/training.json: the parts that ran are merged into an existing file, and
+`results.measured` names each part's commit, date and settings (parts measured at different
+commits keep their own). Method and discussion: docs/training.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, ArgumentParser, positive_int, previous_results, run_main, stamp, write_result
 from throughput import matmul_peak
 
 from remask.app.plot import plot_runs
@@ -166,34 +167,40 @@ def ddp(args, root: Path) -> dict:
     return out
 
 
+PART_SETTINGS = {"cost": ("rounds", "steps_per_round"), "validation": ("steps",), "ddp": ("ddp_steps",),
+                 "t_sampling": ("steps",)}  # beside data, preset, seq_len and batch_size, which every part reads
+
+
+def run_part(part: str, args, tmp: Path) -> dict:
+    """The results a part adds (cost's figures sit at the top level, as the interface has them)."""
+    if part == "cost":
+        return cost(args)
+    return {part: {"validation": validation, "ddp": ddp, "t_sampling": t_sampling}[part](args, tmp / part)}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["cost", "validation", "ddp", "t_sampling"],
-                    choices=["cost", "validation", "ddp", "t_sampling"])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=list(PART_SETTINGS), choices=list(PART_SETTINGS))
     ap.add_argument("--data", default="builtin:tang300")
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=600, help="training steps per objective for validation")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps-per-round", type=int, default=4)
-    ap.add_argument("--ddp-steps", type=int, default=40)
+    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--steps", type=positive_int, default=600, help="training steps per objective for validation")
+    ap.add_argument("--rounds", type=positive_int, default=7)
+    ap.add_argument("--steps-per-round", type=positive_int, default=4)
+    ap.add_argument("--ddp-steps", type=positive_int, default=40)
     args = ap.parse_args()
     torch.manual_seed(0)
-    previous = RESULTS_DIR / "training.json"
-    results = json.loads(previous.read_text())["results"] if previous.exists() else {}
+    results = previous_results("training")
+    measured = results.pop("measured", {})
+    settings = dict(vars(args)) | {"threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
-        if "cost" in args.parts:
-            results |= cost(args)
-        if "validation" in args.parts:
-            results["validation"] = validation(args, Path(tmp) / "val")
-        if "ddp" in args.parts:
-            results["ddp"] = ddp(args, Path(tmp) / "ddp")
-        if "t_sampling" in args.parts:
-            results["t_sampling"] = t_sampling(args, Path(tmp) / "t")
-    settings = {k: v for k, v in vars(args).items()} | {"threads": torch.get_num_threads()}
-    write_result("training", settings, results)
+        for part in [p for p in PART_SETTINGS if p in args.parts]:
+            results |= run_part(part, args, Path(tmp))
+            keys = ("data", "preset", "seq_len", "batch_size", *PART_SETTINGS[part], "threads")
+            measured[part] = stamp() | {"settings": {k: settings[k] for k in keys}}
+    write_result("training", settings, results | {"measured": measured})
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -246,6 +246,37 @@ def test_harness_answers_each_request_type(model_dir, ar_model_dir, offline):
     assert value == pytest.approx(score.log_likelihood)
 
 
+def test_harness_loglikelihoods_equal_remask_eval(model_dir, ar_model_dir, tmp_path, offline, capsys):
+    """The harness model's numbers are remask's: its rolling log-likelihood of a text is minus
+    `remask eval ppl`'s total NLL of the same text (windows of 3 tokens: every one exact, for the
+    diffusion model too), and its log-likelihood of a continuation is the exact bound enumerated
+    over every mask subset (diffusion) or the sum of the AR twin's next-token log-probabilities."""
+    from remask.eval.harness import RemaskLM
+
+    text = "床前明月光，疑是地上霜。"
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text, encoding="utf-8")
+    for directory in (model_dir, ar_model_dir):
+        lm = RemaskLM(pretrained=str(directory), batch_size=4, mc_num=16, rolling_stride=3, greedy_check=False)
+        [rolling] = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]))
+        assert main(["eval", "ppl", "--model", str(directory), "--data", str(doc), "--split", "all", "--stride", "3",
+                     "--mc-num", "16", "--json", "--no-progress"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        model, tok = load_model_dir(directory)
+        assert report["mc_samples_per_window"] == 0 and report["tokens"] == len(tok.encode(text)) == 12
+        assert rolling < 0 and rolling == pytest.approx(-report["nats_per_token"] * report["tokens"], rel=1e-9)
+        [(value, _)] = lm.loglikelihood(instances("loglikelihood", [("床前", "明月光")]))
+        prompt = torch.tensor([tok.bos_id, *tok.encode("床前")])
+        answer = torch.tensor(tok.encode("明月光"))
+        with torch.no_grad():
+            if model.config.causal:  # log p(answer | prompt) = sum of next-token log-probabilities
+                logp = model(torch.cat([prompt, answer])[None]).log_softmax(-1)[0]
+                expected = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer.tolist()))
+            else:
+                expected = exact_log_likelihood_bound(model, prompt, answer, mask_id=tok.mask_id)
+        assert value == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_harness_is_greedy_on_a_table_model(table):
     from remask.eval.harness import RemaskLM
 

@@ -193,19 +193,35 @@ def test_batched_answers_equal_one_by_one(model, sampler):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_ar_cached_decoding_equals_uncached(ar_model, prompt, temperature):
+    """The uncached decoding is the oracle: with the same generator, both draw the same Gumbel noise
+    (B, 1, V) at each step as long as no row leaves the batch, so they agree token for token when
+    sampling too: a padded batch that never stops, and each row alone with its end-of-text."""
     fn = lambda ids, attention_mask: ar_model(ids, attention_mask)  # noqa: E731
     padded = prompt.clone()
     padded[1, :2] = PAD
     attention = torch.ones_like(prompt)
     attention[1, :2] = 0
-    ref = ar_generate(fn, padded, 12, eos_ids=[EOS], attention_mask=attention, temperature=temperature,
-                      generator=torch.Generator().manual_seed(4))
-    fast, passes = ar_generate_cached(ar_model, padded, 12, vocab_size=V, eos_ids=[EOS], attention_mask=attention,
-                                      temperature=temperature, generator=torch.Generator().manual_seed(4))
-    if temperature == 0:
+
+    def both(ids, mask, eos_ids, seed=4):
+        ref = ar_generate(fn, ids, 12, eos_ids=eos_ids, attention_mask=mask, temperature=temperature,
+                          generator=torch.Generator().manual_seed(seed))
+        fast, passes = ar_generate_cached(ar_model, ids, 12, vocab_size=V, eos_ids=eos_ids, attention_mask=mask,
+                                          temperature=temperature, generator=torch.Generator().manual_seed(seed))
+        return ref, fast, passes
+
+    ref, fast, passes = both(padded, attention, [EOS])
+    if temperature == 0:  # greedy: rows leaving the batch change nothing
         assert torch.equal(ref, fast) and passes == ref.shape[1] - P
-    else:  # the same law; rows draw the same noise only while the batch is unchanged
-        assert ref.shape[0] == fast.shape[0]
+    ref, fast, passes = both(padded, attention, [])  # nobody stops, nobody leaves
+    assert torch.equal(ref, fast) and passes == 12
+    for r in range(prompt.shape[0]):
+        ids = prompt[r:r + 1, 2:] if r == 1 else prompt[r:r + 1]  # row 1 without its padding
+        for seed in (4, 5):
+            ref, fast, _ = both(ids, None, [EOS], seed)
+            assert torch.equal(ref, fast)
+    if temperature > 0:  # and the temperature is used: the samples are not the greedy answers
+        greedy = ar_generate(fn, padded, 12, attention_mask=attention)
+        assert not torch.equal(both(padded, attention, [])[1], greedy)
 
 
 def test_rows_that_join_later_get_the_answers_they_get_alone(model):

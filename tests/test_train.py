@@ -323,14 +323,6 @@ def test_cli_overrides_recipe(tmp_path):
     assert (got.train.optim.lr, got.train.optim.max_steps) == (0.5, 7)
 
 
-def test_plot_writes_png(corpus, tmp_path):
-    pretrain(tiny_cfg(corpus, tmp_path / "mdm", max_steps=4))
-    pretrain(tiny_cfg(corpus, tmp_path / "ar", max_steps=4, objective="ar"))
-    out = tmp_path / "loss.png"
-    assert cli_main(["plot", str(tmp_path / "mdm"), str(tmp_path / "ar"), "--out", str(out)]) == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # ----------------------------------------------------------------------------------- SFT
 
 
