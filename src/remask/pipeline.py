@@ -23,7 +23,7 @@ from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError
 from remask.model import Transformer
 from remask.sampling import SamplerConfig, StepInfo
-from remask.sampling.fast import Engine
+from remask.sampling.engine import Engine
 from remask.tokenizer import Tokenizer
 
 

@@ -33,7 +33,7 @@ from remask.errors import RemaskError
 from remask.eval.perplexity import rolling_windows
 from remask.eval.scoring import Scorer, ScoringConfig
 from remask.sampling import SamplerConfig, generate
-from remask.sampling.fast import generate_fast
+from remask.sampling.engine import generate_fast
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
