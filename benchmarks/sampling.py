@@ -49,7 +49,7 @@ from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, probe_
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import fill_masks_fast, generate_fast
+from remask.sampling.engine import fill_masks_fast, generate_fast
 from remask.sampling.generate import fill_masks
 
 

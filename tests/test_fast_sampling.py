@@ -11,7 +11,7 @@ from conftest import tiny_config
 from remask.model import build_model
 from remask.sampling import SamplerConfig, StepInfo, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import fill_masks_fast, generate_fast, reveal_counts
+from remask.sampling.engine import fill_masks_fast, generate_fast, reveal_counts
 
 V = 32
 MASK = V - 1
@@ -225,7 +225,7 @@ def test_ar_cached_decoding_equals_uncached(ar_model, prompt, temperature):
 
 
 def test_rows_that_join_later_get_the_answers_they_get_alone(model):
-    from remask.sampling.fast import Engine
+    from remask.sampling.engine import Engine
 
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, EOS, (n,), generator=g) for n in (4, 7, 2)]
@@ -290,7 +290,7 @@ def test_fast_infilling_reveals_the_region_only(model, sampler):
 
 def test_infill_rejects_a_region_that_does_not_fit(model):
     from remask.errors import RemaskError
-    from remask.sampling.fast import Engine
+    from remask.sampling.engine import Engine
 
     x, region = infill_case(1)
     engine = Engine(model, mask_id=MASK, vocab_size=V)

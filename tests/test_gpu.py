@@ -11,7 +11,7 @@ from conftest import tiny_config
 from remask.model import build_model
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
-from remask.sampling.fast import Engine
+from remask.sampling.engine import Engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

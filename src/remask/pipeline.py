@@ -24,7 +24,7 @@ from remask.errors import ConfigError, RemaskError, check_fits
 from remask.model import Transformer
 from remask.sampling import SamplerConfig, StepInfo
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import Engine
+from remask.sampling.engine import Engine
 from remask.tokenizer import Tokenizer
 
 

@@ -28,7 +28,7 @@ from remask.errors import RemaskError
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import SamplerConfig, fill_masks
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import fill_masks_fast, generate_fast
+from remask.sampling.engine import fill_masks_fast, generate_fast
 from remask.tokenizer import check_text
 
 Direction = Literal["forward", "backward"]

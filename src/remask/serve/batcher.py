@@ -1,6 +1,6 @@
 """Step-level batching of generation requests for the server.
 
-One background thread owns the model and a `sampling.fast.Engine`. Requests wait in a bounded
+One background thread owns the model and a `sampling.engine.Engine`. Requests wait in a bounded
 queue; between two denoising steps the thread admits waiting requests into the running batch (up
 to `max_batch` rows; with batching off, one request at a time), runs one step of every row, and
 hands each request its events: every step's partial answer when it streams steps, and the final
@@ -22,7 +22,7 @@ import torch
 
 from remask.pipeline import Generation, Pipeline
 from remask.sampling import SamplerConfig, StepInfo
-from remask.sampling.fast import Engine, Row
+from remask.sampling.engine import Engine, Row
 
 
 class QueueFull(Exception):

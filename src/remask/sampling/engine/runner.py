@@ -1,0 +1,217 @@
+"""The runner: the engine's forward passes, and the cache protocol between them and the rows.
+
+A kind of pass (`PassKind`) says what it does for one row as a `PassSpec`: which positions it
+recomputes, which it reuses from the row's cache, where it returns logits and whose new keys and
+values the row keeps; and it runs a batch of rows in one forward pass. Kinds are registered by
+name in `PASSES` (the scheduler names them; `Engine.step` runs whatever the plan holds):
+- `full`: the whole sequence, nothing reused; the row keeps every position's keys/values when
+  it caches (this pass starts its block and refreshes the cache);
+- `cached`: the current block (`dual`), or the block and the masked suffix after it (`prefix`),
+  against the cached keys/values of the rest, which are stale by what the block has revealed
+  since the refresh (Fast-dLLM's caches); nothing kept.
+Block diffusion's exact cache fits the same protocol: recompute the current block (and the
+block just finished, whose keys/values are not cached yet), reuse the finished blocks before it,
+keep the finished block's keys/values.
+
+The `Runner` runs a step's plan and holds what lives between steps: the batch of the cached rows'
+keys/values, stacked once when that set of rows (or one of their caches) changes and reused as it
+is while it does not (restacking every row's cache at every step cost as much as the pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from remask.model import KV
+from remask.sampling.engine.rows import Row, SamplingStats
+
+Span = tuple[slice, ...]  # ascending, disjoint ranges of a row's positions
+
+
+def span_index(span: Span, device: torch.device | None = None) -> Tensor:
+    """(N,) the positions of `span`, in order."""
+    return torch.cat([torch.arange(s.start, s.stop, device=device) for s in span] or [torch.arange(0, device=device)])
+
+
+def _within(s: slice, span: Span) -> bool:
+    return s.start == s.stop or any(p.start <= s.start and s.stop <= p.stop for p in span)
+
+
+def _overlap(a: Span, b: Span) -> bool:
+    return any(x.start < y.stop and y.start < x.stop for x in a for y in b)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One row's share of a forward pass, in positions of the row's sequence."""
+
+    recompute: Span  # run through the model: queries, their keys/values computed afresh
+    reuse: Span  # read from the row's cache: attended to, not recomputed
+    logits: slice  # where the pass returns logits (the current block)
+    keep: Span = ()  # whose new keys/values become the row's cache (empty: none kept)
+
+    def __post_init__(self) -> None:
+        if not all(_within(s, self.recompute) for s in (self.logits, *self.keep)):
+            raise ValueError(f"{self}: logits and kept keys/values come only from recomputed positions")
+        if _overlap(self.recompute, self.reuse):
+            raise ValueError(f"{self}: a position is both recomputed and reused")
+
+
+class PassKind(Protocol):
+    """A kind of forward pass: what it does for a row, and how a batch of rows runs it."""
+
+    name: str
+
+    def spec(self, row: Row) -> PassSpec: ...
+
+    def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
+        """One forward pass over `rows`: id(row) -> logits of spec.logits (N, V)."""
+        ...
+
+
+PASSES: dict[str, PassKind] = {}  # in the order a step runs them
+
+
+def register(kind: PassKind) -> PassKind:
+    """Add a kind of pass under its name (the scheduler's rules return these names)."""
+    PASSES[kind.name] = kind
+    return kind
+
+
+def model_device(model: Callable) -> torch.device:
+    return next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+
+
+class Runner:
+    """Runs the passes of a step's plan over the model; keeps the batched caches between steps."""
+
+    def __init__(self, model: Callable, *, mask_id: int, stats: SamplingStats) -> None:
+        self.model, self.mask_id, self.stats = model, mask_id, stats
+        self.device = model_device(model)
+        self.held: dict[str, tuple[list, object]] = {}  # pass kind -> (the parts, what was built from them)
+
+    def run(self, plan: dict[str, list[Row]]) -> dict[int, Tensor]:
+        """Every pass of the plan, one forward pass per kind: id(row) -> logits of its block (N, V)."""
+        for name in [n for n in self.held if n not in plan]:  # nobody takes that pass now: let it go
+            del self.held[name]
+        logits: dict[int, Tensor] = {}
+        for name, rows in plan.items():
+            logits |= PASSES[name].run(rows, self)
+        return logits
+
+    def release(self) -> None:
+        """Let go of everything held between steps (no row is left to reuse it)."""
+        self.held.clear()
+
+    def forward(self, ids: Tensor, attention_mask: Tensor, positions: Tensor, **kw) -> Tensor | tuple[Tensor, KV]:
+        """The model on (B, T) ids; counts the pass and its real positions."""
+        out = self.model(ids, attention_mask, positions, **kw)
+        self.stats.forward_passes += 1
+        self.stats.query_tokens += int(attention_mask.sum())
+        return out
+
+    def kept(self, name: str, parts: Sequence, build: Callable[[list], object]):
+        """`build(parts)`, built again only when `parts` are not the very objects of last time."""
+        held = self.held.get(name)
+        if held is None or len(held[0]) != len(parts) or any(a is not b for a, b in zip(held[0], parts)):
+            held = self.held[name] = (list(parts), build(list(parts)))
+        return held[1]
+
+
+class FullPass:
+    """The whole sequence of each row, left-padded; refreshes the cache of rows that cache."""
+
+    name = "full"
+
+    def spec(self, row: Row) -> PassSpec:
+        whole = (slice(0, row.seq.numel()),)
+        return PassSpec(recompute=whole, reuse=(), logits=row.current, keep=whole if row.sampler.cache != "none" else ())
+
+    def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
+        specs = [self.spec(r) for r in rows]
+        guided = [(r, s) for r, s in zip(rows, specs) if r.sampler.cfg_scale]
+        seqs = [r.seq for r in rows]
+        for r, _ in guided:  # LLaDA eq. 16: the unconditional branch masks the prompt
+            uncond = r.seq.clone()
+            uncond[:r.prompt_len] = runner.mask_id
+            seqs.append(uncond)
+        owners = specs + [s for _, s in guided]
+        ids, attn, positions, pads = left_padded(seqs, runner.mask_id, runner.device)
+        n_block = max(s.logits.stop - s.logits.start for s in owners)
+        at = torch.zeros(len(seqs), n_block, dtype=torch.long, device=runner.device)  # (B, N) each row's block
+        for i, (s, pad) in enumerate(zip(owners, pads)):
+            lo, hi = s.logits.start + pad, s.logits.stop + pad
+            at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=hi - 1)
+        want_kv = any(s.keep for s in specs)
+        out = runner.forward(ids, attn, positions, return_kv=want_kv, logits_at=at)
+        logits, kv = out if want_kv else (out, None)
+        result = {}
+        for i, (r, s) in enumerate(zip(rows, specs)):
+            result[id(r)] = logits[i, :s.logits.stop - s.logits.start]
+            if s.keep:  # (1, ...) this row's keys/values, its padding cut off
+                (keep,) = s.keep
+                r.cache = kv.rows(torch.tensor([i], device=runner.device)).positions(slice(keep.start + pads[i], keep.stop + pads[i]))
+                r.fresh, r.past = True, None
+        for j, (r, s) in enumerate(guided):
+            n = s.logits.stop - s.logits.start
+            cond, unc = result[id(r)], logits[len(rows) + j, :n]
+            result[id(r)] = unc + (r.sampler.cfg_scale + 1.0) * (cond - unc)
+        return result
+
+
+register(FullPass())
+
+
+def left_padded(seqs: list[Tensor], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Sequences of different lengths as one batch padded on the left: ids, attention mask and
+    rotary positions (B, W) (each row from 0 at its first real token), and each row's padding."""
+    width = max(s.numel() for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    positions = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    pads = []
+    for i, s in enumerate(seqs):
+        pad = width - s.numel()
+        ids[i, pad:], attn[i, pad:] = s, 1
+        positions[i, pad:] = torch.arange(s.numel(), device=device)
+        pads.append(pad)
+    return ids, attn, positions, pads
+
+
+class CachedPass:
+    """Each row's block (with the prefix cache, the block and everything after it) against its
+    cached keys/values of the rest; rows padded on the right, the block first in each."""
+
+    name = "cached"
+
+    def spec(self, row: Row) -> PassSpec:
+        lo, hi, L = row.current.start, row.current.stop, row.seq.numel()
+        if row.sampler.cache == "prefix":
+            return PassSpec(recompute=(slice(lo, L),), reuse=(slice(0, lo),), logits=slice(lo, hi))
+        return PassSpec(recompute=(slice(lo, hi),), reuse=(slice(0, lo), slice(hi, L)), logits=slice(lo, hi))
+
+    def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
+        specs = [self.spec(r) for r in rows]
+        inputs = [span_index(s.recompute, runner.device) for s in specs]
+        for r, s in zip(rows, specs):
+            if r.past is None:  # once per block: the reused part of the cache the full pass left
+                r.past = r.cache.positions(s.reuse[0] if len(s.reuse) == 1 else span_index(s.reuse, runner.device))
+        width = max(p.numel() for p in inputs)
+        ids = torch.full((len(rows), width), runner.mask_id, dtype=torch.long, device=runner.device)
+        attn = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
+        for i, (r, pos) in enumerate(zip(rows, inputs)):
+            ids[i, :pos.numel()], attn[i, :pos.numel()], positions[i, :pos.numel()] = r.seq[pos], 1, pos
+            positions[i, pos.numel():] = pos[-1]
+        n_block = max(s.logits.stop - s.logits.start for s in specs)
+        past = runner.kept(self.name, [r.past for r in rows], KV.stack)  # (B, ...) right-padded
+        logits = runner.forward(ids, attn, positions, past=past, logits_at=slice(0, n_block))
+        return {id(r): logits[i, :s.logits.stop - s.logits.start] for i, (r, s) in enumerate(zip(rows, specs))}
+
+
+register(CachedPass())
