@@ -3,7 +3,8 @@
 Every step's batch and masks are functions of (seed, step) and are drawn for the whole global
 batch, then sliced per process and micro-batch, so a resumed run, a run with gradient
 accumulation and a DDP run all see what one uninterrupted process would. Losses, in training
-and in validation alike, come from `objectives.OBJECTIVES`.
+and in validation alike, come from `objectives.OBJECTIVES`. What the loop writes to RUN_DIR and
+reads back on --resume (checkpoints, best/, final/, metrics.jsonl) is `checkpointing`'s.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def train_step(job: TrainJob, model: nn.Module, forward_model: nn.Module, optimi
     return loss_value, grad_norm, lr, batch_tokens(batch)
 
 
-def validate_step(job: TrainJob, model: nn.Module, forward_model: nn.Module, val_fn, progress: Progress,
-                  bar, done: int) -> dict[str, float]:
+def validate_step(job: TrainJob, model: nn.Module, forward_model: nn.Module,
+                  val_fn: Callable[[nn.Module], dict[str, float]], progress: Progress, bar: Any,
+                  done: int) -> dict[str, float]:
     """The validation record at step `done`; with run.final == "best" a new lowest loss is saved to best/."""
     record = val_fn(forward_model)
     if bar is not None:
