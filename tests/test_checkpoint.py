@@ -15,6 +15,7 @@ import remask.checkpoint.storage as storage
 from remask.checkpoint import (
     checkpoint_bytes,
     from_llada_config,
+    from_llada_name,
     load_config,
     load_model,
     save_model,
@@ -383,6 +384,23 @@ def test_shape_mismatch(saved):
     name = "model.transformer.blocks.1.up_proj.weight"
     rewrite(saved, lambda t: t.__setitem__(name, torch.zeros(40, 32)))
     assert name in one_line_error(saved, r"shape \[40, 32\].*\[48, 32\]")
+
+
+def test_weights_must_be_finite(saved, sharded):
+    name = "model.transformer.blocks.1.up_proj.weight"
+    rewrite(saved, lambda t: t[name].__setitem__((3, 5), float("nan")))
+    err = one_line_error(saved, "holds NaN or infinite values")
+    assert err.startswith(f"{saved / 'model.safetensors'}: tensor {name} ")
+    # finite as stored but past float16's range (65504), in the last shard: inf once cast, as bad as NaN
+    file = sorted(sharded.glob("model-*.safetensors"))[-1]
+    tensors = load_file(file)
+    last = sorted(tensors)[-1]
+    tensors[last][0] = 1e5
+    save_file(tensors, file, metadata={"format": "pt"})
+    assert load_model(sharded).state_dict()[from_llada_name(last)].max() == 1e5  # float32 holds it
+    with pytest.raises(RemaskError, match=f"{file.name}: tensor {last} holds NaN or infinite values once cast to "
+                                          "torch.float16"):
+        load_model(sharded, dtype=torch.float16)
 
 
 def test_unexpected_tensor(saved):

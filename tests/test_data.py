@@ -53,6 +53,28 @@ def test_jsonl_and_directory_corpora(tmp_path):
         read_corpus("builtin:nope")
 
 
+def test_entries_that_are_not_regular_files_are_refused_unopened(tmp_path):
+    import os
+    import socket
+
+    (tmp_path / "a.txt").write_text("one\n")
+    os.mkfifo(tmp_path / "b.txt")  # nobody writes to it: an open would block
+    with pytest.raises(RemaskError, match=f"cannot read {tmp_path / 'b.txt'}: it is a FIFO, not a regular file"):
+        read_corpus(tmp_path)
+    os.unlink(tmp_path / "b.txt")
+    assert read_corpus(tmp_path) == ["one\n"]
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(tmp_path / "c.sock"))
+        for source in (tmp_path, tmp_path / "c.sock"):
+            with pytest.raises(RemaskError, match="it is a socket, not a regular file"):
+                read_corpus(source)
+    finally:
+        server.close()
+    with pytest.raises(RemaskError, match="it is a character device, not a regular file"):
+        read_corpus("/dev/null")  # (a device like /dev/zero would never end)
+
+
 def docs_of(tok: Tokenizer, arr) -> list[str]:
     """Documents back from a token stream of [bos] ids [eos] blocks."""
     out, cur = [], []

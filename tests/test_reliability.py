@@ -217,6 +217,80 @@ def test_plot_into_an_unwritable_directory(corpus, tmp_path, capsys, unwritable)
     one_line_error(capsys, "plot", str(run), "--out", str(tmp_path / "no" / "loss.png"), fragment="does not exist")
 
 
+# --- data that is not a file, or not the run's -------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["pretrain", "eval ppl"])
+def test_a_fifo_as_data_is_refused_without_opening_it(model_dir, tmp_path, command):
+    """Nobody writes to the FIFO, so opening it would block for ever: the child gets a deadline."""
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    argv = (["pretrain", "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"] if command == "pretrain"
+            else ["eval", "ppl", "--model", str(model_dir), "--split", "all", "--no-progress"])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "remask", *argv, "--data", str(fifo)], env=env(),
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"remask {command} hung reading the FIFO")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr == f"error: cannot read {fifo}: it is a FIFO, not a regular file\n"
+    assert not (tmp_path / "run").exists()
+
+
+TINY_RUN = ["--preset", "tiny", "--model.d-model", "32", "--model.n-heads", "2", "--seq-len", "32", "--no-progress"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_pretrain_resume_on_other_data_is_refused(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *TINY_RUN]) == 0
+    other = tmp_path / "other.txt"  # the same characters (the run's tokenizer could read it), other poems
+    other.write_text("\n%\n".join(POEM_LINES[:2] * 9) + "\n", encoding="utf-8")
+    before = snapshot(run)
+    capsys.readouterr()
+    one_line_error(capsys, "pretrain", "--data", str(other), "--out", str(run), "--max-steps", "4", "--resume",
+                   *TINY_RUN, fragment=f"the run trained on {corpus}")
+    assert snapshot(run) == before  # no step trained, no final/ rewritten, not even config.yaml
+    assert main(["pretrain", "--data", str(corpus), "--out", str(run), "--max-steps", "4", "--resume", *TINY_RUN]) == 0
+    assert (run / "checkpoints" / "step-4").is_dir()  # its own data resumes as before
+
+
+def test_sft_resume_on_other_data_is_refused(model_dir, tmp_path, capsys):
+    rows = [{"prompt": line[:5], "response": line[6:]} for line in POEM_LINES] * 3
+    data, other = tmp_path / "sft.jsonl", tmp_path / "other.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    other.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[::-1]) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    base = ["sft", "--model", str(model_dir), "--out", str(run), "--seq-len", "48", "--batch-size", "4",
+            "--no-progress", "--run.val-batches", "1"]
+    assert main([*base, "--data", str(data), "--max-steps", "2"]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    one_line_error(capsys, *base, "--data", str(other), "--max-steps", "4", "--resume",
+                   fragment=f"the run trained on {data}")
+    assert snapshot(run) == before
+
+
+def test_weights_that_are_not_finite(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    for bad in (float("nan"), float("inf")):
+        broken = tmp_path / f"broken-{bad}"
+        broken.mkdir()
+        for f in model_dir.iterdir():
+            (broken / f.name).write_bytes(f.read_bytes())
+        tensors = load_file(broken / "model.safetensors")
+        name = sorted(tensors)[1]
+        tensors[name][0] = bad  # one row of one tensor
+        save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+        for command in (["generate", "--model", str(broken), "--prompt", "床"], ["info", str(broken)]):
+            err = one_line_error(capsys, *command, fragment=f"tensor {name} holds NaN or infinite values")
+            assert err.startswith(f"error: {broken / 'model.safetensors'}: ")
+
+
 # --- interrupts -----------------------------------------------------------------------------------------
 
 

@@ -2,30 +2,25 @@
 
 tyro turns each function's parameters into options (nested configs included), so a setting is
 declared once, where it lives: every `SamplerConfig` field is an option of every command that
-samples, every training config field an option of `pretrain` / `sft` (`--optim.lr`, or its short
-name `--lr`). Training commands also take `--config RECIPE.yaml`, whose values the other
-options override. Nothing here parses argv; `cli.py` does.
+samples. The training commands (pretrain, sft, demo, plot) live in `train_commands.py`; COMMANDS
+below lists them all. Nothing here parses argv; `cli.py` does.
 """
 
 from __future__ import annotations
 
 import json as jsonlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import tyro
 
+from remask.app.command import Command, Flat, Positional
+from remask.app.train_commands import PretrainCommand, SFTCommand, demo, plot, pretrain, sft
 from remask.errors import RemaskError
 from remask.eval.scoring import ScoringConfig
 from remask.sampling import SamplerConfig
 from remask.train.config import PretrainConfig, SFTConfig
-
-# A nested config whose fields become top-level options (`--gen-length`, not `--sampler.gen-length`).
-Flat = tyro.conf.arg(name="")
-Positional = tyro.conf.Positional
 
 
 def info(directory: Annotated[Path, Positional], json: bool = False) -> None:
@@ -133,62 +128,6 @@ def chat(model: Path, sampler: Annotated[SamplerConfig, Flat] = CHAT_SAMPLER, se
 
     check_seed(seed)
     terminal_chat(ChatSession(Pipeline.load(model, device=device), sampler, seed=seed))
-
-
-@dataclass(frozen=True)
-class PretrainCommand:
-    """Pretrain a masked diffusion LM (or, with --objective ar, its autoregressive twin)."""
-
-    config: Path | None = None
-    """A recipe YAML (recipes/*.yaml); options given beside it override its values."""
-    train: Annotated[PretrainConfig, Flat] = field(default_factory=PretrainConfig)
-
-
-@dataclass(frozen=True)
-class SFTCommand:
-    """Supervised fine-tuning of a model directory on JSONL dialogues (--model DIR --data FILE.jsonl)."""
-
-    config: Path | None = None
-    """A recipe YAML (recipes/*.yaml); options given beside it override its values."""
-    train: Annotated[SFTConfig, Flat] = field(default_factory=SFTConfig)
-
-
-def pretrain(command: PretrainCommand) -> None:
-    from remask.train.pretrain import pretrain as run
-
-    print(f"saved {run(command.train)}", file=sys.stderr)
-
-
-def sft(command: SFTCommand) -> None:
-    from remask.train.sft import sft as run
-
-    print(f"saved {run(command.train)}", file=sys.stderr)
-
-
-def demo(retrain: bool = False, out: Path = Path("runs/demo"), samples: int = 3, seed: int = 0) -> None:
-    """The main job: pretrain a small diffusion LM on the 300 Tang poems, then watch it write.
-
-    Args:
-        retrain: Train again even if a finished demo run exists.
-        out: Run directory of the demo model.
-        samples: How many poems to generate after training.
-        seed: Random seed of the first poem.
-    """
-    from remask.app.demo import demo as run
-
-    run(out=out, retrain=retrain, samples=samples, seed=seed)
-
-
-def plot(runs: Annotated[list[Path], Positional], out: Path = Path("loss.png")) -> None:
-    """Plot training and validation loss curves of one or more runs into a PNG.
-
-    Args:
-        runs: Run directories (each with metrics.jsonl).
-        out: Output PNG file.
-    """
-    from remask.app.plot import plot_runs
-
-    print(plot_runs(runs, out))
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -430,22 +369,6 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str |
                      max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue, batching=batching)
     print(f"serving {model} on http://{host}:{port}/ (OpenAI API under /v1/)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command: `schema` is what tyro parses (a function it calls, or a dataclass handed to
-    `run`); `recipe` is the training config class a `--config` file holds, if any; a `raw`
-    command gets its arguments unparsed."""
-
-    schema: Callable[..., Any] | type
-    run: Callable[[Any], None] | None = None
-    recipe: type | None = None
-    raw: bool = False
-
-    @property
-    def summary(self) -> str:
-        return (self.schema.__doc__ or "").strip().splitlines()[0]
 
 
 COMMANDS: dict[str, Command] = {

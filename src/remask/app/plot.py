@@ -8,7 +8,7 @@ import yaml
 
 from remask.atomic import atomic_file
 from remask.errors import RemaskError
-from remask.train.loop import read_metrics_lines
+from remask.train.checkpointing import read_metrics_lines
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -142,12 +142,18 @@ def _target(device: str | torch.device, dtype: torch.dtype | None) -> torch.devi
 
 def _stream(files: dict[Path, set[str] | None], device: torch.device,
             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(remask name, tensor) pairs, converted one at a time. On CPU with the stored dtype the tensor stays
-    a copy-on-write view of the memory-mapped file, so no second copy is ever made."""
+    """(remask name, tensor) pairs, converted one at a time and checked to be finite (one NaN or inf
+    weight spreads to every logit, and the sampler then answers nothing). On CPU with the stored
+    dtype the tensor stays a copy-on-write view of the memory-mapped file, so no second copy is made."""
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield from_llada_name(name), f.get_tensor(name).to(device=device, dtype=dtype)  # type: ignore[misc]
+                stored = f.get_tensor(name)
+                tensor = stored.to(device=device, dtype=dtype)  # type: ignore[misc]
+                if not torch.isfinite(tensor).all():
+                    cast = f" once cast to {dtype}" if stored.dtype != dtype else ""
+                    raise RemaskError(f"{file}: tensor {name} holds NaN or infinite values{cast}; the weights are unusable")
+                yield from_llada_name(name), tensor
 
 
 class _SkipInit(TorchFunctionMode):
@@ -166,7 +172,8 @@ def load_model(directory: str | os.PathLike[str], *, device: str | torch.device 
     """Open a checkpoint directory as a Transformer in eval mode, on `device`.
 
     `dtype` None keeps the stored dtype (the common promoted type if tensors differ). Every tensor is
-    checked against config.json before any data is read; problems raise a one-line RemaskError.
+    checked against config.json before any data is read, then to hold only finite values; problems
+    raise a one-line RemaskError.
     The model is built on the meta device (no initialisation) and the tensors are assigned.
     On CPU in the stored dtype the parameters are copy-on-write views of the memory-mapped files
     (resident memory ~1x the checkpoint): replace the files by renaming (as `save_model` does),

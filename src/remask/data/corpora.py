@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -75,12 +76,34 @@ def parse_fortune_poems(text: str) -> list[Poem]:
     return poems
 
 
-def decode_text(path: Path) -> str:
-    """A file's text; unreadable, binary or non-UTF-8 content is bad input."""
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: Path) -> None:
+    """RemaskError unless `path` (after symlinks) is a regular file. Asked of stat, never by
+    opening: opening a FIFO nobody writes to blocks for ever, and a device may never end."""
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
     except OSError as e:
         raise RemaskError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+        raise RemaskError(f"cannot read {path}: it is {kind}, not a regular file")
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of a regular file (every data file remask reads comes through here)."""
+    check_regular_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RemaskError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def decode_text(path: Path) -> str:
+    """A file's text; unreadable, binary or non-UTF-8 content is bad input."""
+    data = read_file_bytes(path)
     if b"\x00" in data[:65536]:
         raise RemaskError(f"file {path} looks binary (contains NUL bytes)")
     return decode_utf8(data, f"file {path}")
@@ -127,8 +150,10 @@ def documents_from_jsonl(path: Path) -> list[str]:
 def documents_from_path(path: Path) -> list[str]:
     if not path.exists():
         raise RemaskError(f"corpus {path} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if path.is_dir():  # its files, in order; an entry that is neither a directory nor a file is refused
+        files = sorted(p for p in path.rglob("*") if not p.is_dir() and not p.name.startswith("."))
+        for f in files:
+            check_regular_file(f)
         return [doc for f in files for doc in documents_from_path(f)]
     if path.suffix == ".jsonl":
         return documents_from_jsonl(path)

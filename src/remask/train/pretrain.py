@@ -11,15 +11,15 @@ import torch
 from remask.checkpoint import load_config
 from remask.data.corpora import read_corpus
 from remask.data.packing import PackedBatches, Packing, short_length, training_rows
-from remask.data.tokenize import corpus_tokenizer, prepare_tokens
+from remask.data.tokenize import corpus_tokenizer, docs_fingerprint, prepare_tokens
 from remask.errors import RemaskError
 from remask.tokenizer import Tokenizer
 from remask.train import distributed as D
+from remask.train.checkpointing import check_resume_data, data_record, latest_checkpoint
 from remask.train.config import PretrainConfig
 from remask.train.loop import TrainJob, split_sizes, train
 from remask.train.objectives import TextBatch
 from remask.train.setup import build_run_model, micro_batch_size, start
-from remask.train.state import latest_checkpoint
 
 
 def run_tokenizer(cfg: PretrainConfig, docs: list[str]) -> Tokenizer:
@@ -48,10 +48,12 @@ def validation_rows(tokens: np.ndarray, seq_len: int, count: int, packing: Packi
 def setup(cfg: PretrainConfig) -> TrainJob:
     info = start(cfg.run)
     docs = read_corpus(cfg.data.source)
-    tokenizer = splits = None
+    tokenizer = splits = data = None
     for turn in (0, 1):  # the main process fills the caches first; the others then read them
         if (turn == 0) == info.is_main:
             tokenizer = run_tokenizer(cfg, docs)
+            data = data_record(cfg.data.source, docs_fingerprint(docs), tokenizer)
+            check_resume_data(cfg.run, data)  # another corpus on --resume: refused before any cache is filled
             splits = prepare_tokens(cfg.data.source, docs, tokenizer, val_fraction=cfg.data.val_fraction,
                                     progress=cfg.run.progress and info.is_main)
         D.barrier(info)
@@ -72,7 +74,7 @@ def setup(cfg: PretrainConfig) -> TrainJob:
     val_batches = [TextBatch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     describe = f"{cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
     return TrainJob("pretrain", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer,
-                    info, batch_fn, val_batches, describe, t_sampling=cfg.t_sampling)
+                    info, batch_fn, val_batches, describe, t_sampling=cfg.t_sampling, data=data)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

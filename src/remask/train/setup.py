@@ -16,8 +16,8 @@ from remask.config import ModelConfig
 from remask.errors import RemaskError
 from remask.model import Transformer, build_model
 from remask.train import distributed as D
+from remask.train.checkpointing import latest_checkpoint
 from remask.train.config import Objective, RunConfig
-from remask.train.state import latest_checkpoint
 
 
 def check_run_dir(run: RunConfig) -> None:

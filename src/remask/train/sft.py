@@ -4,14 +4,17 @@ trained as answer, per-answer-length normalisation) or the AR twin's answer-only
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
 from remask.checkpoint import load_config
+from remask.data.corpora import read_file_bytes
 from remask.data.sft import SFTBatches, SFTExample, build_sft_examples, sft_batch
 from remask.errors import ConfigError, RemaskError
 from remask.tokenizer import Tokenizer
 from remask.train import distributed as D
+from remask.train.checkpointing import check_resume_data, data_record
 from remask.train.config import SFTConfig
 from remask.train.loop import TrainJob, split_sizes, train
 from remask.train.objectives import DialogueBatch
@@ -39,6 +42,8 @@ def setup(cfg: SFTConfig) -> TrainJob:
     examples = build_sft_examples(cfg.data.source, tokenizer, max_len=cfg.data.seq_len)
     if not examples:
         raise RemaskError(f"{cfg.data.source} yields no SFT example that fits seq_len {cfg.data.seq_len}")
+    data = data_record(cfg.data.source, hashlib.sha256(read_file_bytes(Path(cfg.data.source))).hexdigest(), tokenizer)
+    check_resume_data(cfg.run, data)  # other dialogues on --resume: refused before anything is written
     train_examples, val_examples = split_examples(examples, cfg.data.val_fraction, cfg.run.seed)
     model = build_run_model(None, cfg.model, cfg.objective, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
                             device=info.device)
@@ -50,7 +55,7 @@ def setup(cfg: SFTConfig) -> TrainJob:
     describe = f"sft {cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
     return TrainJob("sft", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer, info,
                     lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe,
-                    t_sampling=cfg.t_sampling)
+                    t_sampling=cfg.t_sampling, data=data)
 
 
 def sft(cfg: SFTConfig) -> Path:
