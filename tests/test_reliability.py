@@ -18,7 +18,7 @@ from conftest import POEM_LINES
 
 from remask.app.cli import main
 from remask.checkpoint import load_model
-from remask.train.state import step_dirs
+from remask.train.checkpointing import step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -426,7 +426,7 @@ def assert_resumes_bit_identically(run: Path, corpus: Path, reference: Path) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, attr, nth, partial", [
     ("remask.checkpoint.storage", "save_file", 3, "half-file"),  # during the weights of a step checkpoint
-    ("remask.train.state", "torch.save", 3, "half-file"),  # during the optimizer state of a step checkpoint
+    ("remask.train.checkpointing", "torch.save", 3, "half-file"),  # during the optimizer state of a step checkpoint
     ("remask.atomic", "_rmtree", 2, "half-tree"),  # during the deletion of an old checkpoint
     ("remask.train.loop", "write_final", 1, "none"),  # after the last checkpoint, before final/
     ("remask.train.loop", "MetricsLog.write", 4, "half-line"),  # in the middle of a metrics line

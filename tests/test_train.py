@@ -23,10 +23,10 @@ from remask.app.cli import main as cli_main
 from remask.app.demo import DEMO_TRAINING
 from remask.checkpoint import load_model
 from remask.model import build_model
+from remask.train.checkpointing import latest_checkpoint, read_trainer_state, step_dirs
 from remask.train.config import PretrainConfig, config_replace, load_recipe
 from remask.train.optim import param_groups, wsd_lr
 from remask.train.pretrain import pretrain
-from remask.train.state import latest_checkpoint, read_trainer_state, step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 # Every PretrainConfig field by its bare name (the tests' shorthand) -> its dotted path.
