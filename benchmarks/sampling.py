@@ -48,7 +48,7 @@ import torch
 from _common import RESULTS_DIR, nll_per_char, write_result
 
 from remask.data.corpora import tang300_poems
-from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, probe_rows, probe_window, score_answers
+from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, make_probes, score_answers
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import SamplerConfig, ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
@@ -262,10 +262,10 @@ def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
     known half comes after it); the golds."""
     tok = pipe.tokenizer
     cases, prefixes, golds = [], [], []
-    for pair, (before, n, after, known_first) in zip(pairs, probe_rows(tok, pairs, direction, COUPLET)):
-        cases.append(probe_window(before, n, after, tok.mask_id, window))
-        prefixes.append(before if known_first else None)
-        golds.append(pair.halves(direction)[1])
+    for probe in make_probes(tok, pairs, direction, COUPLET):
+        cases.append(probe.masked(tok.mask_id, window))
+        prefixes.append(probe.before if probe.known_first else None)
+        golds.append(probe.gold)
     return cases, prefixes, golds
 
 
@@ -381,7 +381,7 @@ def main() -> None:
         keep("thresholds", rows)
         plot_thresholds(rows, RESULTS_DIR / "sampling_thresholds.png")
     if "couplets" in args.parts:
-        pairs = [Pair(first, second, -1) for first, second in load_holdout(args.runs / "test_pairs.jsonl")]
+        pairs = load_holdout(args.runs / "test_pairs.jsonl")
         window = pretrained_length(args.runs)
         for direction in DIRECTIONS:
             cases, prefixes, golds = couplet_cases(pipe, pairs, direction, window)

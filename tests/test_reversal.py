@@ -13,6 +13,7 @@ from remask.data.corpora import Poem, parse_fortune_poems, tang300_poems
 from remask.errors import RemaskError
 from remask.eval.reversal import (
     Pair,
+    Question,
     capital_set,
     couplets,
     load_holdout,
@@ -113,8 +114,8 @@ def test_holdout_pairs_are_the_test_set(tmp_path):
 
 def test_questions_and_scoring():
     pair = Pair("白日依山尽", "黄河入海流", 0)
-    assert question("poem", "forward", pair) == ("白日依山尽的下一句是什么？只回答这一句。", "黄河入海流")
-    assert question("poem", "backward", pair) == ("黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
+    assert question("poem", "forward", pair) == Question(pair, "forward", "白日依山尽的下一句是什么？只回答这一句。", "黄河入海流")
+    assert question("poem", "backward", pair) == Question(pair, "backward", "黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
     scored = score_answers(["黄河入海流", "是黄河入海流。", "黄河"], ["黄河入海流"] * 3)
     assert scored == {"accuracy": 2 / 3, "exact": 1 / 3, "n": 3}
     # a question that cannot be put to the model is no score at all, not a wrong answer
@@ -335,3 +336,83 @@ def test_probes_take_the_fast_engines_settings(model_dir):
     fast = infill_answers(pipe, pairs, "backward", sampler=sampler.replace(cache="dual", parallel="threshold",
                                                                             threshold=1e-9), window=24)
     assert len(calls) == len(pairs) and all(len(a) == len(r) for a, r in zip(fast, reference))
+
+
+PAIRS = [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("白日依山尽", "黄河入海流"),
+         ("春眠不觉晓", "处处闻啼鸟"), ("千山鸟飞绝", "万径人踪灭")]
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text("".join(json.dumps({"first": a, "second": b}, ensure_ascii=False) + "\n" for a, b in pairs),
+                    encoding="utf-8")
+    return str(path)
+
+
+def eval_answers(main, capsys, model, test, *options) -> dict:
+    assert main(["eval", "reversal", "--model", str(model), "--test", test, "--json", "--gen-length", "8",
+                 "--steps", "8", *options]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"].values()
+    return row["answers"]
+
+
+def test_sampled_answers_do_not_depend_on_the_batch_size(model_dir, ar_model_dir, tmp_path, capsys):
+    """Each question (and each AR probe) has its own generator from (seed, its index): at temperature
+    0.7 the answers at --batch-size 1 and 4 are the same, for a diffusion model and an AR twin; and
+    they are sampled (another seed gives other answers)."""
+    from remask.app.cli import main
+
+    test = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    runs = [(model_dir, ["--mode", "qa"]), (ar_model_dir, ["--mode", "qa"]), (ar_model_dir, ["--mode", "statement"])]
+    for model, mode in runs:
+        one, four = (eval_answers(main, capsys, model, test, *mode, "--temperature", "0.7", "--batch-size", size)
+                     for size in ("1", "4"))
+        assert one == four and len(one["forward"]) == len(PAIRS)
+        other = eval_answers(main, capsys, model, test, *mode, "--temperature", "0.7", "--batch-size", "4",
+                             "--seed", "1")
+        assert other != four
+
+
+def test_a_pair_longer_than_the_context_is_one_error_line_naming_it(model_dir, ar_model_dir, tmp_path, capsys):
+    """A test pair whose question (or probe) does not fit the model's context (96 tokens) is bad
+    input, named, not a traceback from the model."""
+    from remask.app.cli import main
+
+    long = "明月" * 50
+    test = write_pairs(tmp_path / "pairs.jsonl", [PAIRS[0], (long, "疑是地上霜")])
+    for model, mode in ((model_dir, "qa"), (ar_model_dir, "qa"), (model_dir, "infill"), (model_dir, "statement"),
+                        (ar_model_dir, "statement")):
+        assert main(["eval", "reversal", "--model", str(model), "--test", test, "--mode", mode]) == 2, (model, mode)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and long in err[0] and "context of 96" in err[0]
+
+
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_a_batch_size_below_one_is_refused(model_dir, tmp_path, capsys, size):
+    from remask.app.cli import main
+
+    test = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["eval", "reversal", "--model", str(model_dir), "--test", test, "--batch-size", size]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --batch-size must be 1 or more, got {size}"
+
+
+def test_per_row_generators_of_the_ar_twin_equal_decoding_each_row_alone(ar_model_dir):
+    """ar_generate_cached with a generator per row gives each row the tokens it gets decoded alone
+    (the oracle: a batch of one with that generator)."""
+    from remask.pipeline import Pipeline, left_pad
+    from remask.sampling.autoregressive import ar_generate_cached
+
+    pipe = Pipeline.load(ar_model_dir)
+    rows = [pipe.encode_prompt(text) for text in ("床前明月光，", "白日", "春眠不觉晓，处处")]
+    ids, attention = left_pad(rows, pipe.tokenizer.pad_id)
+    V = pipe.model.config.vocab_size
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    x, _ = ar_generate_cached(pipe.model, ids, 6, vocab_size=V, eos_ids=pipe.stop_ids(), attention_mask=attention,
+                              temperature=0.9, generator=generators)
+    for r, (row, seed) in enumerate(zip(rows, (5, 6, 7))):
+        alone, _ = ar_generate_cached(pipe.model, torch.tensor([row]), 6, vocab_size=V, eos_ids=pipe.stop_ids(),
+                                      temperature=0.9, generator=torch.Generator().manual_seed(seed))
+        got = x[r, ids.shape[1]:ids.shape[1] + alone.shape[1] - len(row)]
+        assert got.tolist() == alone[0, len(row):].tolist()
+    with pytest.raises(RemaskError, match="2 generators for 3 rows"):
+        ar_generate_cached(pipe.model, ids, 6, vocab_size=V, attention_mask=attention, temperature=0.9,
+                           generator=generators[:2])
