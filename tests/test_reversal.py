@@ -3,11 +3,16 @@ format's variations), seeded splits, SFT data that never holds a test poem, answ
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from remask.data.corpora import Poem, parse_fortune_poems, tang300_poems
 from remask.errors import RemaskError
@@ -416,3 +421,64 @@ def test_per_row_generators_of_the_ar_twin_equal_decoding_each_row_alone(ar_mode
     with pytest.raises(RemaskError, match="2 generators for 3 rows"):
         ar_generate_cached(pipe.model, ids, 6, vocab_size=V, attention_mask=attention, temperature=0.9,
                            generator=generators[:2])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def benchmark(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "reversal.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_benchmark_module():
+    """benchmarks/reversal.py as a module (its directory on the path, for its sibling imports)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("reversal_benchmark", REPO / "benchmarks" / "reversal.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_the_benchmark_recipe_loads_with_its_sections_and_overrides():
+    """recipes/reversal.yaml: the twins' PretrainConfig and SFTConfig and the benchmark's options,
+    changed by dotted overrides; what the script fills in per twin is not in the recipe."""
+    from remask.train.config import PretrainConfig, SFTConfig
+
+    bench = load_benchmark_module()
+    path = REPO / "recipes" / "reversal.yaml"
+    assert any(ln.startswith("# Launch: python benchmarks/reversal.py") for ln in path.read_text().splitlines())
+    recipe = bench.load(path)
+    assert isinstance(recipe.pretrain, PretrainConfig) and isinstance(recipe.sft, SFTConfig)
+    assert (recipe.pretrain.optim.max_steps, recipe.sft.optim.max_steps, recipe.benchmark.poem_count) == (3600, 60, 20)
+    assert recipe.probe_window == recipe.pretrain.data.seq_len == 128  # the window defaults to the training length
+    raw = yaml.safe_load(path.read_text())
+    assert "objective" not in raw["pretrain"] and "source" not in raw["pretrain"]["data"] and "model" not in raw["sft"]
+    changed = bench.load(path, ["pretrain.optim.max_steps=7", "benchmark.probe_window=0"], parts=["data"])
+    assert (changed.pretrain.optim.max_steps, changed.probe_window, changed.benchmark.parts) == (7, 0, ["data"])
+    mdm = bench.pretrain_config(changed, "ar", Path("c.txt"))
+    assert (mdm.objective, mdm.data.source, mdm.run.out) == ("ar", "c.txt", Path("runs/reversal/ar"))
+    with pytest.raises(RemaskError, match="pretrain.optim.nope: unknown OptimConfig"):
+        bench.load(path, ["pretrain.optim.nope=1"])
+
+
+def test_the_benchmark_builds_its_data_and_a_bad_holdout_is_one_error_line(tmp_path):
+    """`--parts data` writes the corpus, the SFT dialogues and the test pairs (the holdout's) and
+    trains nothing; a holdout pair that is not in the poems is one `error:` line, exit 2, nothing
+    written (it was a traceback)."""
+    data = poem_set(tang300_poems())
+    holdout = tmp_path / "holdout.jsonl"
+    write_pairs(holdout, [(data.pairs[5].first, data.pairs[5].second)])
+    done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.txt", "sft.jsonl", "test_pairs.jsonl"]
+    assert (tmp_path / "out" / "test_pairs.jsonl").read_text(encoding="utf-8") == holdout.read_text(encoding="utf-8")
+    assert data.pairs[5].first not in (tmp_path / "out" / "sft.jsonl").read_text(encoding="utf-8")
+    write_pairs(holdout, [("不是诗句", "也不是")])
+    done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "bad", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "bad").exists()
+    assert done.stderr.splitlines() == ["error: 1 holdout pair(s) are not couplets of the poems, e.g. 不是诗句，也不是"]
