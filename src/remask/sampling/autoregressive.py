@@ -38,14 +38,13 @@ def ar_generate(model_fn: ModelFn, prompt: Tensor, max_new_tokens: int, *, eos_i
     return x
 
 
-def _next_tokens(logits: Tensor, temperature: float, generator: torch.Generator | Sequence[torch.Generator] | None,
-                alive: Tensor) -> Tensor:
-    """The next token of each alive row from its last logits (b, 1, V): one shared generator, or
-    row `alive[j]`'s own (each draws its noise alone, as it would in a batch of one)."""
-    if not isinstance(generator, Sequence) or temperature == 0:
-        return gumbel_argmax(logits, temperature, generator)[:, 0]
-    return torch.cat([gumbel_argmax(logits[j:j + 1], temperature, generator[int(r)])[:, 0]
-                      for j, r in enumerate(alive.tolist())])
+def next_tokens(logits: Tensor, temperature: float, generator: torch.Generator | Sequence[torch.Generator] | None,
+                rows: Tensor) -> Tensor:
+    """The next token of each row from its last logits (b, 1, V): one shared generator, or with a
+    sequence of generators, row `rows[i]`'s own (so a row's draws do not depend on its batch)."""
+    if generator is None or isinstance(generator, torch.Generator) or temperature == 0:
+        return gumbel_argmax(logits, temperature, generator if isinstance(generator, torch.Generator) else None)[:, 0]
+    return torch.cat([gumbel_argmax(logits[i:i + 1], temperature, generator[int(r)])[:, 0] for i, r in enumerate(rows)])
 
 
 @torch.no_grad()
@@ -55,8 +54,7 @@ def ar_generate_cached(model, prompt: Tensor, max_new_tokens: int, *, vocab_size
     """`ar_generate` with a KV cache (the AR twin's own fast path): one prefill pass over the prompt,
     then one pass per token over that token alone; rows that have ended leave the batch. Returns
     (B, P + n) and the number of forward passes. The model is a `Transformer` (see `remask.model`).
-    `generator`: one shared by the rows, or a list of B, one per row, so that a row's tokens do not
-    depend on the rows batched with it."""
+    `generator`: one for the batch, or one per row."""
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise RemaskError(f"prompt must be a non-empty 2-D (batch, length) tensor, got shape {tuple(prompt.shape)}")
     B, P = prompt.shape
@@ -65,11 +63,9 @@ def ar_generate_cached(model, prompt: Tensor, max_new_tokens: int, *, vocab_size
     out = torch.full((B, P + max_new_tokens), int(fill), dtype=torch.long, device=prompt.device)
     out[:, :P] = prompt
     logits, cache = model(prompt, attention_mask, return_kv=True, logits_at=slice(P - 1, P))
-    if isinstance(generator, Sequence) and len(generator) != B:
-        raise RemaskError(f"{len(generator)} generators for {B} rows")
     passes, alive, length = 1, torch.arange(B, device=prompt.device), 0
     for t in range(max_new_tokens):
-        nxt = _next_tokens(logits[:, -1:, :vocab_size], temperature, generator, alive)  # (b,)
+        nxt = next_tokens(logits[:, -1:, :vocab_size], temperature, generator, alive)  # (b,)
         out[alive, P + t] = nxt
         length = t + 1
         keep = ~torch.isin(nxt, stop) if stop.numel() else torch.ones_like(nxt, dtype=torch.bool)

@@ -36,7 +36,7 @@ from remask.eval.reversal.score import record_direction
 from remask.pipeline import Pipeline, check_seed, left_pad
 from remask.sampling import SamplerConfig, fill_masks
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.fast import fill_masks_fast
+from remask.sampling.fast import Engine, fill_masks_fast
 
 Mode = Literal["qa", "infill", "statement"]
 
@@ -63,13 +63,19 @@ def _decode(pipe: Pipeline, prompts: list[list[int]], n: int, temperature: float
 
 def sample(pipe: Pipeline, prompts: list[list[int]], sampler: SamplerConfig, seeds: Sequence[int]) -> list[str]:
     """Each prompt's answer text, cut at its end-of-text, prompt i sampled with its own generator
-    seeded `seeds[i]`: the diffusion model denoises them as rows of the pipeline's engine, the AR
-    twin decodes up to sampler.gen_length tokens at sampler.temperature."""
+    seeded `seeds[i]`: the diffusion model denoises them as rows of the fast engine, the AR twin
+    decodes up to sampler.gen_length tokens at sampler.temperature (what `Pipeline.sample` does
+    where it exists)."""
     if pipe.causal:
-        return [pipe.answer(row).text for row in _decode(pipe, prompts, sampler.gen_length, sampler.temperature,
-                                                         seeds, stop=True)]
-    # the pipeline's batched rows with a generator each (Pipeline.sample, once it has one)
-    return [g.text for g in pipe._denoise(prompts, sampler, list(seeds))]
+        answers = _decode(pipe, prompts, sampler.gen_length, sampler.temperature, seeds, stop=True)
+    else:  # the fast engine, a row per prompt (the engine's public interface: add, run, result)
+        engine = Engine(pipe.model, mask_id=pipe.tokenizer.mask_id, vocab_size=pipe.model.config.vocab_size,
+                        eos_ids=pipe.stop_ids())
+        rows = [engine.add(ids, sampler, generator=_generator(pipe, s)) for ids, s in zip(prompts, seeds)]
+        with torch.no_grad():
+            engine.run()
+        answers = [row.result().answer for row in rows]
+    return [pipe.answer(ids).text for ids in answers]
 
 
 def answer_questions(pipe: Pipeline, questions: Sequence[Question], *, sampler: SamplerConfig, seed: int = 0,
