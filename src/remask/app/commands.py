@@ -308,9 +308,8 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
         print(jsonlib.dumps(report, ensure_ascii=False))
         return
     print(f"{'model':<40} {'kind':<15} {'forward':>8} {'backward':>9} {'n':>5}")
-    for name, row in report["models"].items():  # "-": not put to this model (an AR twin, the unknown half first)
-        acc = {d: "-" if row[d] is None else f"{row[d]:.3f}" for d in ("forward", "backward")}
-        print(f"{name:<40} {row['kind']:<15} {acc['forward']:>8} {acc['backward']:>9} {row['n']:>5}")
+    for name, row in report["models"].items():
+        print(f"{name:<40} {row['kind']:<15} {row['forward']:>8.3f} {row['backward']:>9.3f} {row['n']:>5}")
 
 
 def eval_harness(argv: list[str]) -> None:
