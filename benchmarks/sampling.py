@@ -45,7 +45,7 @@ from sampling_tasks import (
     task_settings,
 )
 
-from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, probe_rows, probe_window, score_answers
+from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, make_probes, score_answers
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
@@ -137,10 +137,10 @@ def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
     known half comes after it); the golds."""
     tok = pipe.tokenizer
     cases, prefixes, golds = [], [], []
-    for pair, (before, n, after, known_first) in zip(pairs, probe_rows(tok, pairs, direction, COUPLET)):
-        cases.append(probe_window(before, n, after, tok.mask_id, window))
-        prefixes.append(before if known_first else None)
-        golds.append(pair.halves(direction)[1])
+    for probe in make_probes(tok, pairs, direction, COUPLET):
+        cases.append(probe.masked(tok.mask_id, window))
+        prefixes.append(probe.before if probe.known_first else None)
+        golds.append(probe.gold)
     return cases, prefixes, golds
 
 
@@ -224,7 +224,7 @@ def part_couplets(b: Bench) -> list[dict]:
     """The couplet probe both ways: the diffusion model infills its window, the AR twin continues
     the text before the answer (forwards only: it cannot read what follows its answer)."""
     a, tok = b.args, b.pipe.tokenizer
-    pairs = [Pair(first, second, -1) for first, second in load_holdout(a.runs / "test_pairs.jsonl")]
+    pairs = load_holdout(a.runs / "test_pairs.jsonl")
     out = []
     for direction in DIRECTIONS:
         cases, prefixes, golds = couplet_cases(b.pipe, pairs, direction, pretrained_length(a.runs))

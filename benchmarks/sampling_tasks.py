@@ -125,7 +125,7 @@ def memorised_windows(pipe: Pipeline, docs: list[str], count: int, context: int,
     long = [[tok.bos_id, *tok.encode(d)] for d in sorted(set(docs), key=lambda d: -len(d))]
     long = [ids for ids in long if len(ids) >= min_tokens]
     if not long:
-        raise RemaskError(f"no training document holds {min_tokens} tokens (benchmarks/reversal.py --long-poems)")
+        raise RemaskError(f"no training document holds {min_tokens} tokens (benchmarks/reversal.py --set benchmark.long_poems=N)")
     per = -(-count // len(long))
     prompts, truths = [], []
     for j in range(per):

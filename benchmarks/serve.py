@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     args = ap.parse_args()
     pairs = poem_set(tang300_poems()).pairs
-    questions = [question("poem", "forward", pairs[i % len(pairs)])[0] for i in range(args.requests)]
+    questions = [question("poem", "forward", pairs[i % len(pairs)]).text for i in range(args.requests)]
     results = {"batching_on": measure(args, True, questions), "batching_off": measure(args, False, questions)}
     on, off = results["batching_on"], results["batching_off"]
     results["batching_speedup"] = on["requests_per_s"] / off["requests_per_s"]

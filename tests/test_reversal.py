@@ -3,16 +3,22 @@ format's variations), seeded splits, SFT data that never holds a test poem, answ
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from remask.data.corpora import Poem, parse_fortune_poems, tang300_poems
 from remask.errors import RemaskError
 from remask.eval.reversal import (
     Pair,
+    Question,
     capital_set,
     couplets,
     load_holdout,
@@ -113,8 +119,8 @@ def test_holdout_pairs_are_the_test_set(tmp_path):
 
 def test_questions_and_scoring():
     pair = Pair("白日依山尽", "黄河入海流", 0)
-    assert question("poem", "forward", pair) == ("白日依山尽的下一句是什么？只回答这一句。", "黄河入海流")
-    assert question("poem", "backward", pair) == ("黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
+    assert question("poem", "forward", pair) == Question(pair, "forward", "白日依山尽的下一句是什么？只回答这一句。", "黄河入海流")
+    assert question("poem", "backward", pair) == Question(pair, "backward", "黄河入海流的上一句是什么？只回答这一句。", "白日依山尽")
     scored = score_answers(["黄河入海流", "是黄河入海流。", "黄河"], ["黄河入海流"] * 3)
     assert scored == {"accuracy": 2 / 3, "exact": 1 / 3, "n": 3}
     # a question that cannot be put to the model is no score at all, not a wrong answer
@@ -335,3 +341,141 @@ def test_probes_take_the_fast_engines_settings(model_dir):
     fast = infill_answers(pipe, pairs, "backward", sampler=sampler.replace(cache="dual", parallel="threshold",
                                                                             threshold=1e-9), window=24)
     assert len(calls) == len(pairs) and all(len(a) == len(r) for a, r in zip(fast, reference))
+
+
+PAIRS = [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("白日依山尽", "黄河入海流"),
+         ("春眠不觉晓", "处处闻啼鸟"), ("千山鸟飞绝", "万径人踪灭")]
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text("".join(json.dumps({"first": a, "second": b}, ensure_ascii=False) + "\n" for a, b in pairs),
+                    encoding="utf-8")
+    return str(path)
+
+
+def eval_answers(main, capsys, model, test, *options) -> dict:
+    assert main(["eval", "reversal", "--model", str(model), "--test", test, "--json", "--gen-length", "8",
+                 "--steps", "8", *options]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"].values()
+    return row["answers"]
+
+
+def test_sampled_answers_do_not_depend_on_the_batch_size(model_dir, ar_model_dir, tmp_path, capsys):
+    """Each question (and each AR probe) has its own generator from (seed, its index): at temperature
+    0.7 the answers at --batch-size 1 and 4 are the same, for a diffusion model and an AR twin; and
+    they are sampled (another seed gives other answers)."""
+    from remask.app.cli import main
+
+    test = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    runs = [(model_dir, ["--mode", "qa"]), (ar_model_dir, ["--mode", "qa"]), (ar_model_dir, ["--mode", "statement"])]
+    for model, mode in runs:
+        one, four = (eval_answers(main, capsys, model, test, *mode, "--temperature", "0.7", "--batch-size", size)
+                     for size in ("1", "4"))
+        assert one == four and len(one["forward"]) == len(PAIRS)
+        other = eval_answers(main, capsys, model, test, *mode, "--temperature", "0.7", "--batch-size", "4",
+                             "--seed", "1")
+        assert other != four
+
+
+def test_a_pair_longer_than_the_context_is_one_error_line_naming_it(model_dir, ar_model_dir, tmp_path, capsys):
+    """A test pair whose question (or probe) does not fit the model's context (96 tokens) is bad
+    input, named, not a traceback from the model."""
+    from remask.app.cli import main
+
+    long = "明月" * 50
+    test = write_pairs(tmp_path / "pairs.jsonl", [PAIRS[0], (long, "疑是地上霜")])
+    for model, mode in ((model_dir, "qa"), (ar_model_dir, "qa"), (model_dir, "infill"), (model_dir, "statement"),
+                        (ar_model_dir, "statement")):
+        assert main(["eval", "reversal", "--model", str(model), "--test", test, "--mode", mode]) == 2, (model, mode)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and long in err[0] and "context of 96" in err[0]
+
+
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_a_batch_size_below_one_is_refused(model_dir, tmp_path, capsys, size):
+    from remask.app.cli import main
+
+    test = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["eval", "reversal", "--model", str(model_dir), "--test", test, "--batch-size", size]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --batch-size must be 1 or more, got {size}"
+
+
+def test_per_row_generators_of_the_ar_twin_equal_decoding_each_row_alone(ar_model_dir):
+    """ar_generate_cached with a generator per row gives each row the tokens it gets decoded alone
+    (the oracle: a batch of one with that generator)."""
+    from remask.pipeline import Pipeline, left_pad
+    from remask.sampling.autoregressive import ar_generate_cached
+
+    pipe = Pipeline.load(ar_model_dir)
+    rows = [pipe.encode_prompt(text) for text in ("床前明月光，", "白日", "春眠不觉晓，处处")]
+    ids, attention = left_pad(rows, pipe.tokenizer.pad_id)
+    V = pipe.model.config.vocab_size
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    x, _ = ar_generate_cached(pipe.model, ids, 6, vocab_size=V, eos_ids=pipe.stop_ids(), attention_mask=attention,
+                              temperature=0.9, generator=generators)
+    for r, (row, seed) in enumerate(zip(rows, (5, 6, 7))):
+        alone, _ = ar_generate_cached(pipe.model, torch.tensor([row]), 6, vocab_size=V, eos_ids=pipe.stop_ids(),
+                                      temperature=0.9, generator=torch.Generator().manual_seed(seed))
+        got = x[r, ids.shape[1]:ids.shape[1] + alone.shape[1] - len(row)]
+        assert got.tolist() == alone[0, len(row):].tolist()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def benchmark(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "reversal.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_benchmark_module():
+    """benchmarks/reversal.py as a module (its directory on the path, for its sibling imports)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("reversal_benchmark", REPO / "benchmarks" / "reversal.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_the_benchmark_recipe_loads_with_its_sections_and_overrides():
+    """recipes/reversal.yaml: the twins' PretrainConfig and SFTConfig and the benchmark's options,
+    changed by dotted overrides; what the script fills in per twin is not in the recipe."""
+    from remask.train.config import PretrainConfig, SFTConfig
+
+    bench = load_benchmark_module()
+    path = REPO / "recipes" / "reversal.yaml"
+    assert any(ln.startswith("# Launch: python benchmarks/reversal.py") for ln in path.read_text().splitlines())
+    recipe = bench.load(path)
+    assert isinstance(recipe.pretrain, PretrainConfig) and isinstance(recipe.sft, SFTConfig)
+    assert (recipe.pretrain.optim.max_steps, recipe.sft.optim.max_steps, recipe.benchmark.poem_count) == (3600, 60, 20)
+    assert recipe.probe_window == recipe.pretrain.data.seq_len == 128  # the window defaults to the training length
+    raw = yaml.safe_load(path.read_text())
+    assert "objective" not in raw["pretrain"] and "source" not in raw["pretrain"]["data"] and "model" not in raw["sft"]
+    changed = bench.load(path, ["pretrain.optim.max_steps=7", "benchmark.probe_window=0"], parts=["data"])
+    assert (changed.pretrain.optim.max_steps, changed.probe_window, changed.benchmark.parts) == (7, 0, ["data"])
+    mdm = bench.pretrain_config(changed, "ar", Path("c.txt"))
+    assert (mdm.objective, mdm.data.source, mdm.run.out) == ("ar", "c.txt", Path("runs/reversal/ar"))
+    with pytest.raises(RemaskError, match="pretrain.optim.nope: unknown OptimConfig"):
+        bench.load(path, ["pretrain.optim.nope=1"])
+
+
+def test_the_benchmark_builds_its_data_and_a_bad_holdout_is_one_error_line(tmp_path):
+    """`--parts data` writes the corpus, the SFT dialogues and the test pairs (the holdout's) and
+    trains nothing; a holdout pair that is not in the poems is one `error:` line, exit 2, nothing
+    written (it was a traceback)."""
+    data = poem_set(tang300_poems())
+    holdout = tmp_path / "holdout.jsonl"
+    write_pairs(holdout, [(data.pairs[5].first, data.pairs[5].second)])
+    done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.txt", "sft.jsonl", "test_pairs.jsonl"]
+    assert (tmp_path / "out" / "test_pairs.jsonl").read_text(encoding="utf-8") == holdout.read_text(encoding="utf-8")
+    assert data.pairs[5].first not in (tmp_path / "out" / "sft.jsonl").read_text(encoding="utf-8")
+    write_pairs(holdout, [("不是诗句", "也不是")])
+    done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "bad", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "bad").exists()
+    assert done.stderr.splitlines() == ["error: 1 holdout pair(s) are not couplets of the poems, e.g. 不是诗句，也不是"]

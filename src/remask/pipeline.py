@@ -22,9 +22,9 @@ from remask.checkpoint.model_dir import load_model_dir, read_training_note
 from remask.config import SEED_LIMIT
 from remask.errors import ConfigError, RemaskError, check_fits
 from remask.model import Transformer
-from remask.sampling import SamplerConfig, StepInfo
+from remask.sampling import SamplerConfig, StepInfo, fill_masks
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.engine import Engine
+from remask.sampling.engine import Engine, fill_masks_fast
 from remask.tokenizer import Tokenizer
 
 
@@ -162,10 +162,36 @@ class Pipeline:
 
     def _decode(self, prompts: list[list[int]], sampler: SamplerConfig, generators: list[torch.Generator],
                 on_step: Callable[[StepInfo], None] | None) -> list[tuple[list[int], list[int]]]:
-        """The AR twin's KV decoding of the left-padded batch: (answer ids, the step that wrote each)."""
-        ids, attention = left_pad(prompts, self.tokenizer.pad_id, self.device)
-        x, _ = ar_generate_cached(self.model, ids, sampler.gen_length, vocab_size=self.model.config.vocab_size,
-                                  eos_ids=self.stop_ids(), attention_mask=attention, temperature=sampler.temperature,
-                                  generator=generators)
-        answers = x[:, ids.shape[1]:].tolist()
+        """The AR twin's answers: (answer ids, the step that wrote each)."""
+        answers = self.decode(prompts, sampler.gen_length, temperature=sampler.temperature, generators=generators)
         return [(row, list(range(len(row)))) for row in answers]
+
+    def decode(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+               generators: Sequence[torch.Generator] | None = None, stop: bool = True) -> list[list[int]]:
+        """The AR twin's next ids after each prompt: KV-cached decoding of the left-padded batch, row i
+        drawing from `generators[i]` (greedy at temperature 0); rows end at an end-of-text with `stop`,
+        else each gets `max_new_tokens` ids."""
+        for ids in prompts:
+            self.check_context(len(ids), max_new_tokens)
+        ids, attention = left_pad(prompts, self.tokenizer.pad_id, self.device)
+        x, _ = ar_generate_cached(self.model, ids, max_new_tokens, vocab_size=self.model.config.vocab_size,
+                                  eos_ids=self.stop_ids() if stop else (), attention_mask=attention,
+                                  temperature=temperature, generator=generators)
+        return x[:, ids.shape[1]:].tolist()
+
+    def infill(self, ids: list[int], region: slice, sampler: SamplerConfig, *, seed: int = 0) -> list[int]:
+        """Reveal the masks of `ids` inside `region` (sampler.gen_length long) and nothing else: text
+        on either side and masks outside it are context. The reference `fill_masks` with no cache and
+        the schedule rule; the fast engine's `fill_masks_fast` for a cache or a parallel rule. The
+        region's ids."""
+        check_fits(len(ids), 0, self.context, what="the text to infill")
+        x = torch.tensor([ids], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(check_seed(seed))
+        mask_id = self.tokenizer.mask_id
+        with torch.no_grad():
+            if sampler.cache != "none" or sampler.parallel != "schedule":
+                x, _ = fill_masks_fast(self.model, x, region, sampler, mask_id=mask_id,
+                                       vocab_size=self.model.config.vocab_size, generator=generator)
+            else:
+                x = fill_masks(self.model_fn, x, sampler, mask_id=mask_id, generator=generator, region=region)
+        return x[0, region].tolist()

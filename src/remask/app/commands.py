@@ -236,57 +236,15 @@ def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test:
             the length it was pretrained on. Default: that length, from the model's
             remask_training.json (none recorded: no padding); 0: no padding.
         seed: Random seed.
-        batch_size: Questions answered together.
+        batch_size: Questions answered together (the answers do not depend on it: each question has its
+            own random generator).
         device: cpu, cuda or cuda:N.
         json: Print one JSON object.
     """
-    from remask.checkpoint.model_dir import trained_seq_len
-    from remask.eval.reversal import (
-        DIRECTIONS,
-        Pair,
-        answer_questions,
-        infill_answers,
-        load_holdout,
-        probe_answers,
-        question,
-        score_answers,
-        statements,
-    )
-    from remask.pipeline import Pipeline, check_seed
+    from remask.eval.reversal import evaluate
 
-    check_seed(seed)
-    if not model:
-        raise RemaskError("give at least one --model DIR")
-    if window is not None and window < 0:
-        raise RemaskError(f"--window must be 0 or more, got {window}")
-    pairs = [Pair(a, b, i) for i, (a, b) in enumerate(load_holdout(test))]
-    report: dict = {"test": str(test), "kind": kind, "mode": mode, "sampler": sampler.to_dict(), "models": {}}
-    for directory in model:
-        pipe = Pipeline.load(directory, device=device)
-        if mode == "infill" and pipe.model.config.causal:
-            raise RemaskError(f"{directory} is an AR twin: infilling needs a diffusion model (use --mode qa)")
-        row = {"kind": "autoregressive" if pipe.model.config.causal else "diffusion"}
-        if mode != "qa" and not pipe.model.config.causal:
-            row["window"] = trained_seq_len(directory) if window is None else window
-            if (row["window"] or 0) > pipe.model.config.max_sequence_length:
-                raise RemaskError(f"--window {row['window']} exceeds {directory}'s context of "
-                                  f"{pipe.model.config.max_sequence_length} tokens")
-        for direction in DIRECTIONS:
-            golds = [p.halves(direction)[1] for p in pairs]
-            if mode == "infill":
-                answers = infill_answers(pipe, pairs, direction, sampler=sampler, seed=seed, window=row["window"],
-                                         kind=kind)
-            elif mode == "statement":
-                answers = probe_answers(pipe, pairs, direction, template=statements(kind, statement_style)[direction],
-                                        sampler=sampler, seed=seed, batch_size=batch_size, window=row.get("window"))
-            else:
-                questions = [question(kind, direction, p)[0] for p in pairs]
-                answers = answer_questions(pipe, questions, sampler=sampler, max_new_tokens=sampler.gen_length,
-                                           seed=seed, batch_size=batch_size)
-            row.setdefault("answers", {})[direction] = answers
-            scored = score_answers(answers, golds)
-            row[direction], row[f"{direction}_exact"], row["n"] = scored["accuracy"], scored["exact"], scored["n"]
-        report["models"][str(directory)] = row
+    report = evaluate(model, test, sampler=sampler, kind=kind, mode=mode, statement_style=statement_style,
+                      window=window, seed=seed, batch_size=batch_size, device=device)
     if json:
         print(jsonlib.dumps(report, ensure_ascii=False))
         return
