@@ -22,7 +22,7 @@ from torch import nn
 from remask.model import KV
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
-from remask.serve.api import create_app
+from remask.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCRIPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
