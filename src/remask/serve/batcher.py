@@ -11,16 +11,15 @@ depend on what it was batched with.
 
 Stopping (Ctrl-C) is noticed between two steps: every request still running or waiting gets a
 503 failure, so its coroutine ends and the server can shut down without waiting for long answers.
-Nothing outlives its request: the thread keeps no reference to a job once it has delivered its
-answer, and when the batch empties it hands freed heap memory back to the system (`malloc_trim`),
-which glibc otherwise keeps per thread arena, fragmented by the batches' changing tensor sizes.
+Nothing outlives its request, and reference counting alone frees it: a job never holds its row
+(the row's `on_step` holds the job, so the reverse link would make a cycle, and every finished row's
+tensors would wait for the cyclic collector's rare full passes: memory grew round after round), and
+the thread keeps no job once it has delivered its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import secrets
 import threading
 import time
@@ -90,14 +89,6 @@ class Job:
         self.cancelled.set()
 
 
-def _libc_trim():
-    """glibc's `malloc_trim`, or None where there is none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
 class Batcher:
     def __init__(self, pipeline: Pipeline, *, max_batch: int = 16, max_queue: int = 64, batching: bool = True) -> None:
         self.pipe, self.max_batch, self.max_queue, self.batching = pipeline, max_batch, max_queue, batching
@@ -109,7 +100,6 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.completed = 0
-        self._trim = _libc_trim()
 
     # --- the request side (the event loop's thread) ---------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -206,12 +196,9 @@ class Batcher:
         with self.lock:
             jobs = [(self.active.pop(result.row, None), result) for result in finished]
             self.completed += sum(job is not None for job, _ in jobs)
-            idle = not self.active and not self.pending
         for job, result in jobs:
             if job is not None:
                 job.emit(Finished(result.answer, result.answer_reveal_step))
-        if idle and self._trim is not None:
-            self._trim(0)
 
 
 def _partials(job: Job):
