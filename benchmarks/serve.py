@@ -9,11 +9,11 @@ threshold 0.9). Each round, `--clients` threads each stream one chat completion 
 question: the next line of a Tang couplet). A row per setting records requests/s, p50/p99 latency
 (to the stream's end) and time to the first chunk, completion tokens/s, errors (must be 0), and the
 server's resident memory before the load and after every round (`rss_mb_per_round`: flat after a
-warm-up round or two; `rss_growth_after_warmup` is (last - lowest) / lowest from round 3 on). Then,
+warm-up round or two; `rss_spread_after_warmup` is (highest - lowest) / lowest from round 3 on). Then,
 on a fresh server: the time from a client closing its connection (streaming and not) to the server
 dropping its job, and from SIGINT to the server's exit with a long job running.
 
-Without `--model` it serves a randomly initialised `tiny`-preset model (1.4M parameters) with a
+Without `--model` it serves a randomly initialised `tiny`-preset model (1.5M parameters) with a
 character tokenizer of the built-in Tang poems, built seeded in a temporary directory: its answers
 are noise, but every answer runs to max_tokens, so the work per round is fixed.
 Writes benchmarks/results/serve.json.
@@ -136,7 +136,7 @@ def rounds(url: str, process: psutil.Process, bodies: list[dict], clients: int, 
             "tokens_per_s": sum(r["tokens"] for r in results) / wall, "errors": sum(r["error"] is not None for r in results),
             "error_examples": [r["error"] for r in results if r["error"]][:3], "rss_mb_before": before,
             "rss_mb_after": per_round[-1], "rss_mb_per_round": per_round,
-            "rss_growth_after_warmup": (settled[-1] - min(settled)) / min(settled)}
+            "rss_spread_after_warmup": (max(settled) - min(settled)) / min(settled)}
 
 
 def long_request(url: str, stream: bool) -> http.client.HTTPConnection:
