@@ -2,7 +2,7 @@
 batching on and off; its memory round after round; how fast it drops a client that goes away and
 stops on Ctrl-C.
 
-    python benchmarks/serve.py [--model DIR] [--clients 32] [--rounds 10] [--off-rounds 3] [--max-tokens 32]
+    python benchmarks/serve.py [--model DIR] [--clients 32] [--rounds 20] [--off-rounds 3] [--max-tokens 32]
 
 Starts `remask serve` as a separate process for each setting (its default sampler: dual cache,
 threshold 0.9). Each round, `--clients` threads each stream one chat completion at once (the
@@ -186,7 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="a model directory (default: a random tiny model)")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--off-rounds", type=int, default=3, help="rounds with batching off (one request at a time)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
