@@ -137,7 +137,8 @@ def bind(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(literal, port, family, socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as e:
-        raise RemaskError(f"--host {host} is not an address this machine can resolve ({e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RemaskError(f"--host {host} is not an address this machine can resolve ({reason})") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
