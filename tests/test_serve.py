@@ -4,11 +4,17 @@ Chromium (Debian's, through Playwright)."""
 
 from __future__ import annotations
 
+import gc
+import http.client
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,12 +23,14 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import tiny_config
 from torch import nn
 
-from remask.model import KV
+from remask.checkpoint.storage import save_model
+from remask.model import KV, build_model
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
-from remask.serve.api import create_app
+from remask.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCRIPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
@@ -35,11 +43,12 @@ class KnownAnswer(nn.Module):
     def __init__(self, tokenizer, script: str, *, delay: float = 0.0) -> None:
         super().__init__()
         self.script = [tokenizer.bos_id, *tokenizer.encode(script)]
-        self.eos, self.delay = tokenizer.eos_id, delay
+        self.eos, self.delay, self.calls = tokenizer.eos_id, delay, 0
         self.config = SimpleNamespace(causal=False, max_sequence_length=96, vocab_size=tokenizer.vocab_size)
         self.anchor = nn.Parameter(torch.zeros(1))
 
     def forward(self, ids, attention_mask=None, positions=None, *, past=None, return_kv=False, logits_at=None):
+        self.calls += 1
         time.sleep(self.delay)
         B, T = ids.shape
         if positions is None:
@@ -65,7 +74,7 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, app) -> None:
-        self.port = free_port()
+        self.app, self.port = app, free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -165,7 +174,12 @@ def test_streaming_text_and_steps(known):
     ({"prompt": "床前", "threshold": 3}, 400, "threshold must be <= 1"),
     ({"prompt": "床前", "remasking": "nope"}, 400, "remasking must be one of"),
     ({"prompt": "床前", "n": 2}, 400, "n=2 is not supported"),
-    ({"prompt": "床前<|mdm_mask|>"}, 400, "contains the mask token"),
+    ({"prompt": "床前", "block_length": 0}, 400, "block_length must be an integer > 0"),
+    ({"prompt": "床前", "max_tokens": "8"}, 400, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "床前", "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "床前", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ({"prompt": "床前", "temperature": "0"}, 400, "temperature: Input should be a valid number"),
+    ({"prompt": "床前", "steps": 8.0}, 400, "steps: Input should be a valid integer"),
     ({"prompt": "床前", "model": "other"}, 404, "is not served here"),
     ({"prompt": ["a", "b"]}, 400, "one string"),
 ])
@@ -263,6 +277,159 @@ def test_a_client_that_goes_away_stops_its_work(poem_tokenizer):
         assert server.health()["active"] == 0 and server.health()["completed"] == 0
     finally:
         server.stop()
+
+
+def call(server, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{server.url}{path}", data=body, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/nothing-here", 404), ("POST", "/nothing", 404), ("GET", "/static/missing.js", 404),
+    ("GET", "/v1/completions", 405), ("DELETE", "/v1/models", 405),
+])
+def test_unknown_routes_and_wrong_methods_are_openai_errors(real, method, path, status):
+    code, body = call(real, method, path)
+    assert code == status and set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert path in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+
+
+def test_special_token_strings_in_a_prompt_are_plain_text_as_on_the_cli(known):
+    """The mask and end-of-turn tokens' strings are text (encoded as the CLI encodes a prompt):
+    the known model answers the prompt of that many plain-text tokens."""
+    tokenizer = known.pipe.tokenizer
+    prompt = "床" + tokenizer.special_tokens["mask"] + tokenizer.special_tokens["eot"]
+    ids = known.pipe.encode_prompt(prompt)
+    assert tokenizer.mask_id not in ids and tokenizer.eot_id not in ids  # the oracle: plain text
+    done = known.client().completions.create(model="known", prompt=prompt, max_tokens=64)
+    assert done.usage.prompt_tokens == len(ids) and done.choices[0].text == expected_answer(known.pipe, prompt)
+    messages = [{"role": "user", "content": tokenizer.special_tokens["mask"] + "x"}]
+    chat = known.client().chat.completions.create(model="known", messages=messages, max_tokens=32)
+    assert chat.usage.prompt_tokens == len(known.pipe.encode_prompt(messages)) > 12
+
+
+def remask_serve(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "remask", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_bad_host_or_a_taken_port_is_one_error_line(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for options, fragment in ((["--host", "256.1.1.1"], "256.1.1.1 is not a valid IP address"),
+                                  (["--host", "::12345"], "is not a valid IP address"),
+                                  (["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1")):
+            out, err = remask_serve("--model", str(model_dir), *options).communicate(timeout=120)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], err
+            assert "serving" not in err and out == ""
+
+
+def test_a_non_streaming_client_that_goes_away_stops_its_work(poem_tokenizer):
+    model = KnownAnswer(poem_tokenizer, "床前明月光，疑是地上霜。" * 4, delay=0.05)
+    server = LiveServer(create_app(Pipeline(model, poem_tokenizer), model_name="known", sampler=SAMPLER))
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"prompt": "床前", "max_tokens": 48, "cache": "none", "parallel": "schedule"}  # 48 steps: 2.4 s
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 10
+        while server.health()["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        connection.sock.shutdown(socket.SHUT_RDWR)  # the client goes away before its answer
+        connection.close()
+        while server.health()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        calls = model.calls
+        time.sleep(0.3)
+        assert server.health()["active"] == 0 and server.health()["completed"] == 0
+        assert model.calls == calls < 40  # the engine stopped stepping it, well before its 48 steps
+    finally:
+        server.stop()
+
+
+def test_ctrl_c_stops_the_server_within_2_s_with_long_jobs_running(tmp_path, poem_tokenizer):
+    """SIGINT to `remask serve` while a 1024-step answer is being denoised and another waits: the
+    process exits (130, interrupted) within 2 s, and the waiting clients get an answer, not a hang."""
+    cfg = tiny_config(poem_tokenizer.vocab_size, max_sequence_length=1100).with_tokens(poem_tokenizer.special_ids,
+                                                                                        poem_tokenizer.vocab_size)
+    model = save_model(build_model(cfg), tmp_path / "long", tokenizer=poem_tokenizer)
+    port = free_port()
+    server = remask_serve("--model", str(model), "--port", str(port), "--max-tokens-limit", "1024", "--no-batching")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.1)
+        body = json.dumps({"prompt": "床前", "max_tokens": 1024, "cache": "none", "parallel": "schedule"})
+        clients = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(2)]
+        for client in clients:
+            client.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        while health["active"] + health["queued"] < 2:
+            assert time.monotonic() < deadline
+            health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
+        start = time.monotonic()
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=30)
+        assert time.monotonic() - start < 2.0 and code == 130
+        for client in clients:  # each gets a 503 in OpenAI's shape (or, cut at shutdown, a closed connection)
+            try:
+                reply = client.getresponse()
+                assert reply.status == 503 and "shutting down" in json.loads(reply.read())["error"]["message"]
+            except (http.client.RemoteDisconnected, ConnectionError):
+                pass
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_finished_requests_are_freed_by_reference_counting(known, monkeypatch):
+    """Every job and every engine row of a finished request is freed at once, without the cyclic
+    garbage collector (a cycle made each one wait for gc's rare full passes: memory grew per round)."""
+    from remask.serve.batcher import Batcher
+
+    jobs, rows = [], []
+    submit, engine = Batcher.submit, known.app.state.batcher.engine
+    add = engine.add
+
+    def watched_submit(self, job):
+        jobs.append(weakref.ref(job))
+        submit(self, job)
+
+    def watched_add(*args, **kw):
+        row = add(*args, **kw)
+        rows.append(weakref.ref(row))
+        return row
+
+    monkeypatch.setattr(Batcher, "submit", watched_submit)
+    monkeypatch.setattr(engine, "add", watched_add)
+    client = known.client()
+    gc.collect()
+    gc.disable()
+    try:
+        for stream in (False, True):
+            for stop in (None, "霜"):
+                done = client.completions.create(model="known", prompt="床前", max_tokens=32, stream=stream, stop=stop)
+                assert list(done) if stream else done.choices[0].text
+        deadline = time.monotonic() + 10
+        while known.health()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the last events are delivered
+        assert len(jobs) == len(rows) == 4
+        assert [j() for j in jobs] == [None] * 4 and [r() for r in rows] == [None] * 4
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow

@@ -306,27 +306,29 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     import os
 
     try:
-        import uvicorn
-
-        from remask.serve.api import create_app
+        from remask.serve.app import bind, create_app, run
     except ImportError:
         raise RemaskError("remask serve needs FastAPI and uvicorn: pip install 'remask[serve]'") from None
     from remask.pipeline import Pipeline
 
-    for label, value in (("--max-tokens-limit", max_tokens_limit), ("--max-batch", max_batch), ("--max-queue", max_queue),
-                         ("--port", port)):
-        if value < (0 if label == "--port" else 1) or (label == "--port" and value > 65535):
+    for label, value in (("--max-tokens-limit", max_tokens_limit), ("--max-batch", max_batch), ("--max-queue", max_queue)):
+        if value < 1:
             raise RemaskError(f"{label} is out of range: {value}")
-    pipe = Pipeline.load(model, device=device)
-    if pipe.model.config.causal:
-        raise RemaskError(f"{model} is an AR twin; remask serve denoises with a diffusion model")
-    key = api_key or os.environ.get("REMASK_API_KEY") or None
-    directory = Path(model).resolve()
-    default_name = directory.parent.name if directory.name == "final" else directory.name  # runs/demo/final: demo
-    app = create_app(pipe, model_name=name or default_name, sampler=sampler, api_key=key,
-                     max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue, batching=batching)
-    print(f"serving {model} on http://{host}:{port}/ (OpenAI API under /v1/)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = bind(host, port)  # a bad address or a taken port is one error line, before anything else
+    try:
+        pipe = Pipeline.load(model, device=device)
+        if pipe.model.config.causal:
+            raise RemaskError(f"{model} is an AR twin; remask serve denoises with a diffusion model")
+        key = api_key or os.environ.get("REMASK_API_KEY") or None
+        directory = Path(model).resolve()
+        default_name = directory.parent.name if directory.name == "final" else directory.name  # runs/demo/final: demo
+        app = create_app(pipe, model_name=name or default_name, sampler=sampler, api_key=key,
+                         max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue, batching=batching)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serving {model} on http://{shown}:{sock.getsockname()[1]}/ (OpenAI API under /v1/)", file=sys.stderr)
+        run(app, sock)
+    finally:
+        sock.close()
 
 
 COMMANDS: dict[str, Command] = {
