@@ -147,13 +147,28 @@ def serve_main() -> list[str]:
     def mb(s: dict, key: str) -> str:
         return DASH if s.get(key) is None else f"{s[key]:.0f}"
 
+    def memory(s: dict) -> str:
+        per_round = s.get("rss_mb_per_round")
+        if not per_round:  # an older run: start / after the first round / at the end
+            return f"{mb(s, 'rss_mb_before')} / {mb(s, 'rss_mb_after_first_round')} / {mb(s, 'rss_mb_after')}"
+        spread = s.get("rss_spread_after_warmup")
+        return (f"{s['rss_mb_before']:.0f} / {min(per_round):.0f}-{max(per_round):.0f} over {len(per_round)} rounds"
+                + ("" if spread is None else f" ({spread:.1%} after warm-up)"))
+
     rows = [[f"step-level batching {'on' if s['batching'] else 'off'}", str(s["clients"]), str(s["requests"]),
              f"{s['requests_per_s']:.1f}", f"{s['p50_ms'] / 1000:.2f}", f"{s['p99_ms'] / 1000:.2f}", f"{s['tokens_per_s']:.0f}",
-             str(s["errors"]), f"{mb(s, 'rss_mb_before')} / {mb(s, 'rss_mb_after_first_round')} / {mb(s, 'rss_mb_after')}"]
+             str(s["errors"]), memory(s)]
             for s in (r["batching_on"], r["batching_off"])]
     header = ["setting", "clients", "requests", "requests/s", "p50 s", "p99 s", "tokens/s", "errors",
-              "resident MB: start / after round 1 / at the end"]
-    return table(header, rows) + ["", f"Batching speed-up: {r['batching_speedup']:.2f}x. " + source("serve")]
+              "resident MB: start / per round"]
+    out = table(header, rows) + ["", f"Batching speed-up: {r['batching_speedup']:.2f}x. " + source("serve")]
+    if "disconnect" in r and "ctrl_c" in r:
+        d, c = r["disconnect"], r["ctrl_c"]
+        out += ["", f"A client that goes away has its job dropped in {d['stream_s']:.3f} s streaming and "
+                f"{d['non_stream_s']:.3f} s not ({d['completed']} of those jobs completed); Ctrl-C with a long job "
+                f"running stops the server in {c['exit_s']:.2f} s (exit code {c['exit_code']}; the waiting client gets "
+                f"{c['client_status']})."]
+    return out
 
 
 def training_main() -> list[str]:
