@@ -9,7 +9,8 @@ threshold 0.9). Each round, `--clients` threads each stream one chat completion 
 question: the next line of a Tang couplet). A row per setting records requests/s, p50/p99 latency
 (to the stream's end) and time to the first chunk, completion tokens/s, errors (must be 0), and the
 server's resident memory before the load and after every round (`rss_mb_per_round`: flat after a
-warm-up round or two; `rss_spread_after_warmup` is (highest - lowest) / lowest from round 3 on). Then,
+warm-up: the first quarter of the rounds, at least 2; `rss_spread_after_warmup` is (highest - lowest) /
+lowest after it, `rss_mb_growth_per_round` the least-squares slope there). Then,
 on a fresh server: the time from a client closing its connection (streaming and not) to the server
 dropping its job, and from SIGINT to the server's exit with a long job running.
 
@@ -41,8 +42,6 @@ from _common import REPO_ROOT, ArgumentParser, run_main, write_result
 
 from remask.data.corpora import tang300_poems
 from remask.eval.reversal import poem_set, question
-
-WARMUP_ROUNDS = 2  # rounds before memory must be flat (allocator pools, first batches of each shape)
 
 
 def build_model(directory: Path) -> Path:
@@ -126,7 +125,8 @@ def rounds(url: str, process: psutil.Process, bodies: list[dict], clients: int, 
             results += pool.map(lambda i: stream_one(url, bodies[i % len(bodies)]), range(clients))
         wall += time.perf_counter() - start
         per_round.append(process.memory_info().rss / 2**20)
-    settled = per_round[WARMUP_ROUNDS:] or per_round
+    warmup = max(2, count // 4)  # the allocator settles while the batch's mix of rows varies
+    settled = per_round[warmup:] or per_round
     latencies = [r["latency"] for r in results]
     return {"clients": clients, "rounds": count, "requests": len(results), "stream": True,
             "requests_per_s": len(results) / wall, "p50_ms": 1000 * percentile(latencies, 0.5),
@@ -135,7 +135,17 @@ def rounds(url: str, process: psutil.Process, bodies: list[dict], clients: int, 
             "tokens_per_s": sum(r["tokens"] for r in results) / wall, "errors": sum(r["error"] is not None for r in results),
             "error_examples": [r["error"] for r in results if r["error"]][:3], "rss_mb_before": before,
             "rss_mb_after": per_round[-1], "rss_mb_per_round": per_round,
-            "rss_spread_after_warmup": (max(settled) - min(settled)) / min(settled)}
+            "warmup_rounds": min(warmup, count), "rss_spread_after_warmup": (max(settled) - min(settled)) / min(settled),
+            "rss_mb_growth_per_round": slope(settled)}
+
+
+def slope(values: list[float]) -> float:
+    """The least-squares slope of `values` against their index (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sum((i - mean_x) ** 2 for i in range(n))
 
 
 def long_request(url: str, stream: bool) -> http.client.HTTPConnection:
