@@ -8,7 +8,7 @@ Starts `remask serve` as a separate process for each setting (its default sample
 threshold 0.9). Each round, `--clients` threads each stream one chat completion at once (the
 question: the next line of a Tang couplet). A row per setting records requests/s, p50/p99 latency
 (to the stream's end) and time to the first chunk, completion tokens/s, errors (must be 0), and the
-server's resident memory before the load and after every round (`rss_mb_per_round`: flat after a
+server's resident memory before the load and after every round, at rest (0.5 s after its last answer) (`rss_mb_per_round`: flat after a
 warm-up: the first quarter of the rounds, at least 2; `rss_spread_after_warmup` is (highest - lowest) /
 lowest after it, `rss_mb_growth_per_round` the least-squares slope there). Then,
 on a fresh server: the time from a client closing its connection (streaming and not) to the server
@@ -42,6 +42,8 @@ from _common import REPO_ROOT, ArgumentParser, run_main, write_result
 
 from remask.data.corpora import tang300_poems
 from remask.eval.reversal import poem_set, question
+
+SETTLE_S = 0.5  # after each round, before its resident memory is read
 
 
 def build_model(directory: Path) -> Path:
@@ -124,6 +126,7 @@ def rounds(url: str, process: psutil.Process, bodies: list[dict], clients: int, 
         with ThreadPoolExecutor(clients) as pool:
             results += pool.map(lambda i: stream_one(url, bodies[i % len(bodies)]), range(clients))
         wall += time.perf_counter() - start
+        time.sleep(SETTLE_S)  # the server at rest: its last rows freed (not counted in the wall time)
         per_round.append(process.memory_info().rss / 2**20)
     warmup = max(2, count // 4)  # the allocator settles while the batch's mix of rows varies
     settled = per_round[warmup:] or per_round
