@@ -151,9 +151,11 @@ def serve_main() -> list[str]:
         per_round = s.get("rss_mb_per_round")
         if not per_round:  # an older run: start / after the first round / at the end
             return f"{mb(s, 'rss_mb_before')} / {mb(s, 'rss_mb_after_first_round')} / {mb(s, 'rss_mb_after')}"
-        spread = s.get("rss_spread_after_warmup")
+        spread, growth, warmup = (s.get(k) for k in ("rss_spread_after_warmup", "rss_mb_growth_per_round", "warmup_rounds"))
+        after = f"after {warmup} warm-up rounds" if warmup else "after warm-up"
         return (f"{s['rss_mb_before']:.0f} / {min(per_round):.0f}-{max(per_round):.0f} over {len(per_round)} rounds"
-                + ("" if spread is None else f" ({spread:.1%} after warm-up)"))
+                + ("" if spread is None else f" ({spread:.1%} {after}"
+                   + ("" if growth is None else f", {growth:+.2f} MB a round") + ")"))
 
     rows = [[f"step-level batching {'on' if s['batching'] else 'off'}", str(s["clients"]), str(s["requests"]),
              f"{s['requests_per_s']:.1f}", f"{s['p50_ms'] / 1000:.2f}", f"{s['p99_ms'] / 1000:.2f}", f"{s['tokens_per_s']:.0f}",
