@@ -157,8 +157,8 @@ def numeric_leaves(value) -> list[float]:
 def test_docs_tables_are_generated_from_the_results(bench):
     """README.md and docs/*.md hold their tables as results_readme.py renders them from the JSON
     (run `python benchmarks/results_readme.py` after a benchmark), and every decimal figure in a
-    generated table is a value of the result files it names (or that value in thousands, millions
-    or billions), rounded as shown."""
+    generated table is a value of the result files it names (or that value as a percentage, or in
+    thousands, millions or billions), rounded as shown."""
     import re
 
     from docs_tables import BLOCK, documents
@@ -176,4 +176,4 @@ def test_docs_tables_are_generated_from_the_results(bench):
                 digits = len(shown.split(".")[1])
                 number = float(shown.replace(",", ""))
                 assert any(abs(v * scale - number) <= 0.5 * 10**-digits + 1e-9
-                           for v in values for scale in (1, 1e-3, 1e-6, 1e-9)), (path.name, block.group(2), shown)
+                           for v in values for scale in (1, 100, 1e-3, 1e-6, 1e-9)), (path.name, block.group(2), shown)
