@@ -175,5 +175,5 @@ def test_docs_tables_are_generated_from_the_results(bench):
             for shown in re.findall(r"(?<![\w.])\d[\d,]*\.\d+", body):
                 digits = len(shown.split(".")[1])
                 number = float(shown.replace(",", ""))
-                assert any(abs(v * scale - number) <= 0.5 * 10**-digits + 1e-9
+                assert any(abs(abs(v) * scale - number) <= 0.5 * 10**-digits + 1e-9  # the sign stands before the digits
                            for v in values for scale in (1, 100, 1e-3, 1e-6, 1e-9)), (path.name, block.group(2), shown)
