@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
+from serve import server  # noqa: E402  (the serve benchmark's: a `remask serve` process, once it answers)
+
 MDM, AR = HERE / "mdm", HERE / "ar"
 PAIRS = [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("白日依山尽", "黄河入海流"),
          ("春眠不觉晓", "处处闻啼鸟"), ("千山鸟飞绝", "万径人踪灭")]
@@ -85,33 +86,13 @@ def reversal_outputs(tmp: Path) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> bytes:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     return urllib.request.urlopen(request, timeout=120).read()
 
 
 def serve_outputs() -> dict:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "remask", "serve", "--model", str(MDM), "--port", str(port),
-                               "--gen-length", "16", "--steps", "16", "--block-length", "8"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("remask serve did not start") from None
-                time.sleep(0.2)
+    with server(MDM, "--gen-length", "16", "--steps", "16", "--block-length", "8") as (url, _):
         out = {}
         for prompt in PROMPTS:
             body = {"model": "mdm", "prompt": prompt, "max_tokens": 16, "temperature": 0}
@@ -126,9 +107,6 @@ def serve_outputs() -> dict:
             reply = json.loads(post(f"{url}/v1/chat/completions", chat))
             out[f"chat/{prompt}"] = reply["choices"][0]["message"]["content"]
         return out
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def record(tmp: Path) -> dict:
