@@ -280,10 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@torch.no_grad()  # scoped, not set_grad_enabled(False): tests call main in their own process
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    torch.set_grad_enabled(False)
     bench = Bench(args, Pipeline.load(args.runs / "mdm" / "final"), Pipeline.load(args.runs / "ar" / "final"),
                   corpus_documents(args.runs))
     rows = previous_results("sampling", args.out).get("methods", [])

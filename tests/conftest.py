@@ -38,6 +38,17 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REMASK_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_stays_on():
+    """A test (or a benchmark's main it calls) must not switch autograd off for the tests after it."""
+    import torch
+
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd disabled (torch.set_grad_enabled(False) outside a scope)"
+
+
 @pytest.fixture(scope="session")
 def poem_tokenizer() -> Tokenizer:
     return Tokenizer.train(POEM_LINES, kind="char")

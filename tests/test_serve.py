@@ -174,7 +174,7 @@ def test_streaming_text_and_steps(known):
     ({"prompt": "床前", "threshold": 3}, 400, "threshold must be <= 1"),
     ({"prompt": "床前", "remasking": "nope"}, 400, "remasking must be one of"),
     ({"prompt": "床前", "n": 2}, 400, "n=2 is not supported"),
-    ({"prompt": "床前", "block_length": 0}, 400, "block_length must be an integer > 0"),
+    ({"prompt": "床前", "block_length": 0}, 400, "block_length must be > 0"),
     ({"prompt": "床前", "max_tokens": "8"}, 400, "max_tokens: Input should be a valid integer"),
     ({"prompt": "床前", "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
     ({"prompt": "床前", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
