@@ -16,8 +16,10 @@ own options; the flags and `--set` (dotted KEY=VALUE overrides) change it.
   side (`jobs`);
 - SFT: `X的下一句是什么？` / `X的上一句是什么？` (and "What is the capital of X?" / "Which country has the
   capital Y?") for the pairs of the SFT documents, both directions;
-- test: the pairs of the held-out documents (or the `holdout` pairs: their poems are held out),
-  both directions; an answer counts when it contains the gold half-line (exact match too); also
+- test: the pairs of the held-out documents (or the `holdout` pairs: any pair whose halves are the
+  two parts of a sentence of a poem split at its comma, of any lengths, as in the paper's released
+  set; their poems are held out, and a pair not found is named in the one error), both directions;
+  an answer counts when it contains the gold half-line (exact match too); also
   the base models completing plain text, no SFT: the diffusion model infilling the couplet
   (`X，[M]*n。` / `[M]*n，Y。`; for a fact, its own sentence), the AR twin continuing it (forwards
   only), and both completing the pair's statement (`X的下一句是` / `Y的上一句是`); the diffusion model
@@ -59,6 +61,7 @@ from remask.eval.reversal import (
     ReversalSet,
     capital_set,
     load_holdout,
+    place,
     poem_set,
     restatements,
     sft_dialogues,
@@ -149,36 +152,35 @@ class Data:
     file_stats: dict
 
 
-def longest_poems(all_poems: list[Poem], count: int) -> list[int]:
-    """Indices of the `count` longest poems: extra pretraining text that the sampling benchmark asks
-    the models to continue from memory (benchmarks/sampling.py); never in the reversal sets."""
-    return sorted(range(len(all_poems)), key=lambda i: (-len(all_poems[i].text()), i))[:count]
+def longest_poems(all_poems: list[Poem], count: int, exclude=()) -> list[int]:
+    """Indices of the `count` longest poems not in `exclude`: extra pretraining text that the sampling
+    benchmark asks the models to continue from memory (benchmarks/sampling.py); never in the reversal sets."""
+    rest = [i for i in range(len(all_poems)) if i not in set(exclude)]
+    return sorted(rest, key=lambda i: (-len(all_poems[i].text()), i))[:count]
 
 
 def choose_poems(all_poems: list[Poem], count: int, seed: int, holdout: list[Pair] | None, exclude=()):
-    """`count` poems with couplets (a seeded choice), always including those that hold `holdout` pairs,
-    never those in `exclude`."""
+    """`count` poems with couplets (a seeded choice), always including those that hold `holdout` pairs
+    (placed: their sources index `all_poems`), never those in `exclude`."""
     data = poem_set(all_poems)
     with_pairs = sorted(set(data.by_source()) - set(exclude))
-    needed = set()
-    if holdout is not None:
-        index = {(p.first, p.second): p.source for p in data.pairs}
-        needed = {index[(p.first, p.second)] for p in holdout if (p.first, p.second) in index}
+    needed = {p.source for p in holdout or ()}
     rest = [i for i in with_pairs if i not in needed]
     chosen = sorted(needed | set(random.Random(seed).sample(rest, max(0, min(count, len(with_pairs)) - len(needed)))))
     return [all_poems[i] for i in chosen], data.stats
 
 
 def build_data(options: BenchmarkOptions, seed: int) -> Data:
-    """The reversal sets, their split, and the long poems; RemaskError on a bad file or holdout."""
+    """The reversal sets, their split, and the long poems; RemaskError on a bad file or holdout (one
+    error naming every pair that is not the two halves of a sentence of the poems)."""
     all_poems = tang300_poems() if options.poems is None else parse_fortune_poems(decode_text(options.poems))
-    holdout = load_holdout(options.holdout) if options.holdout else None
-    long = longest_poems(all_poems, options.long_poems)
+    holdout = place(all_poems, load_holdout(options.holdout)) if options.holdout else None
+    long = longest_poems(all_poems, options.long_poems, exclude={p.source for p in holdout or ()})
     chosen, file_stats = choose_poems(all_poems, options.poem_count, seed, holdout, exclude=long)
     fact_pairs = capitals()
     if options.fact_count:
         fact_pairs = sorted(random.Random(seed).sample(fact_pairs, min(options.fact_count, len(fact_pairs))))
-    poems, facts = poem_set(chosen), capital_set(fact_pairs)
+    poems, facts = poem_set(chosen, holdout), capital_set(fact_pairs)
     poem_sft, poem_test = split(poems, test_fraction=options.test_fraction, seed=seed, holdout=holdout)
     fact_sft, fact_test = split(facts, test_fraction=options.test_fraction, seed=seed)
     print(f"poem file: {file_stats['poems']} poems, {file_stats['couplets']} couplets kept; using "

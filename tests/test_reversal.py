@@ -14,14 +14,18 @@ import pytest
 import torch
 import yaml
 
-from remask.data.corpora import Poem, parse_fortune_poems, tang300_poems
+from remask.data.corpora import Poem, parse_fortune_poems, poem_sentences, tang300_poems
 from remask.errors import RemaskError
 from remask.eval.reversal import (
+    COUPLET,
+    DIRECTIONS,
     Pair,
     Question,
     capital_set,
     couplets,
     load_holdout,
+    make_probes,
+    place,
     poem_set,
     question,
     restatements,
@@ -30,11 +34,13 @@ from remask.eval.reversal import (
     split,
     statement_documents,
 )
+from remask.tokenizer import Tokenizer
 
 
 def test_counts_on_the_tang_poems_are_pinned():
     data = poem_set(tang300_poems())
-    assert data.stats == {"poems": 313, "poems_with_couplets": 312, "couplets": 1483, "couplets_dropped_as_ambiguous": 0}
+    # 1506: 1483 before the sentences of four halves (长大一相逢，问姓惊初见…) were read as two couplets
+    assert data.stats == {"poems": 313, "poems_with_couplets": 312, "couplets": 1506, "couplets_dropped_as_ambiguous": 0}
     assert data.pairs[0] == Pair("兰叶春葳蕤", "桂华秋皎洁", 0)
 
 
@@ -58,6 +64,39 @@ def test_ambiguous_halves_are_dropped_and_no_couplet_is_an_error():
     assert data.stats["couplets_dropped_as_ambiguous"] == 2
     with pytest.raises(RemaskError, match="no usable couplets"):
         poem_set([Poem("《丙》", "作者：丙", ["一二三，四五。"])])
+
+
+def test_holdout_pairs_of_unequal_halves_are_placed_and_asked_whole():
+    """A pair is the two halves of a sentence split at its comma, whatever their lengths (both of
+    these were "not couplets"): its poem is the test document; the questions and probes ask for
+    the whole other half, however long."""
+    poems = tang300_poems()
+    holdout = [Pair("安能摧眉折腰事权贵", "使我不得开心颜", 0), Pair("蜀道之难", "难于上青天", 1)]
+    data = poem_set(poems, holdout)
+    sft_sources, test = split(data, test_fraction=0.2, seed=0, holdout=holdout)
+    titles = [p.title for p in poems]
+    assert test == [Pair("安能摧眉折腰事权贵", "使我不得开心颜", titles.index("《梦游天姥吟留别》")),
+                    Pair("蜀道之难", "难于上青天", titles.index("《蜀道难》"))]
+    assert not sft_sources & {p.source for p in test}
+    assert question("poem", "backward", test[0]).text.startswith("使我不得开心颜的上一句")
+    assert question("poem", "backward", test[0]).gold == "安能摧眉折腰事权贵"
+    tok = Tokenizer.train(["安能摧眉折腰事权贵，使我不得开心颜。"], kind="char")
+    forward, backward = (make_probes(tok, test[:1], d, COUPLET)[0] for d in DIRECTIONS)
+    assert (forward.n, backward.n) == (7, 9)  # the gold half's length, not the known one's
+
+
+def test_a_wrapped_or_subtitled_or_half_width_sentence_is_found():
+    """Sentences as a fortune file writes them: wrapped over lines, a couplet ended by a comma
+    before the next (十年离乱后，长大一相逢，), a sub-title line between parts, half-width marks."""
+    text = ("《喜见外弟》\n作者：某\n十年离乱后，长大一相逢，\n问姓惊初见，称名忆旧容。\n"
+            "其二\n春眠不觉晓，处处\n闻啼鸟。\n夜来风雨声, 花落知多少.\n%\n")
+    [poem] = parse_fortune_poems(text)
+    assert poem_sentences(poem) == ["十年离乱后，长大一相逢，问姓惊初见，称名忆旧容。", "春眠不觉晓，处处闻啼鸟。",
+                                    "夜来风雨声，花落知多少。"]
+    wanted = [Pair("问姓惊初见", "称名忆旧容", 0), Pair("春眠不觉晓", "处处闻啼鸟", 1), Pair("夜来风雨声，", "花落知多少", 2)]
+    assert place([poem], wanted) == [Pair("问姓惊初见", "称名忆旧容", 0), Pair("春眠不觉晓", "处处闻啼鸟", 0),
+                                     Pair("夜来风雨声", "花落知多少", 0)]
+    assert ("十年离乱后", "长大一相逢") in couplets(poem) and ("问姓惊初见", "称名忆旧容") in couplets(poem)
 
 
 def test_splits_are_a_function_of_the_seed_and_keep_test_poems_out_of_sft():
@@ -110,7 +149,7 @@ def test_holdout_pairs_are_the_test_set(tmp_path):
     sft_sources, test = split(data, test_fraction=0.2, seed=0, holdout=load_holdout(path))
     assert test == chosen and not sft_sources & {p.source for p in chosen}
     path.write_text('{"first": "不是诗句", "second": "也不是"}\n', encoding="utf-8")
-    with pytest.raises(RemaskError, match="not couplets of the poems"):
+    with pytest.raises(RemaskError, match="not pairs of this set: 不是诗句 / 也不是$"):
         split(data, test_fraction=0.2, seed=0, holdout=load_holdout(path))
     path.write_text('{"first": 3}\n', encoding="utf-8")
     with pytest.raises(RemaskError, match=r":1: each line must be"):
@@ -475,7 +514,35 @@ def test_the_benchmark_builds_its_data_and_a_bad_holdout_is_one_error_line(tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.txt", "sft.jsonl", "test_pairs.jsonl"]
     assert (tmp_path / "out" / "test_pairs.jsonl").read_text(encoding="utf-8") == holdout.read_text(encoding="utf-8")
     assert data.pairs[5].first not in (tmp_path / "out" / "sft.jsonl").read_text(encoding="utf-8")
-    write_pairs(holdout, [("不是诗句", "也不是")])
+
+
+def test_an_unplaceable_holdout_pair_is_named_in_the_one_error_line(tmp_path):
+    """Every pair that is not the two halves of a sentence is named, in one `error:` line (it
+    named the first, "e.g."), exit 2, nothing written."""
+    holdout = tmp_path / "holdout.jsonl"
+    write_pairs(holdout, [("床前明月光", "疑是地上霜"), ("不是诗句", "也不是"), ("问姓惊初见", "称名")])
     done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "bad", cwd=tmp_path)
     assert done.returncode == 2 and not (tmp_path / "bad").exists()
-    assert done.stderr.splitlines() == ["error: 1 holdout pair(s) are not couplets of the poems, e.g. 不是诗句，也不是"]
+    assert done.stderr.splitlines() == ["error: 2 holdout pair(s) are not the two halves of a sentence of the poems split "
+                                        "at its comma: 不是诗句 / 也不是; 问姓惊初见 / 称名"]
+
+
+PAPER_PAIRS = [("蜀道之难", "难于上青天"), ("安能摧眉折腰事权贵", "使我不得开心颜"), ("问姓惊初见", "称名忆旧容")]
+
+
+def test_parts_data_holds_out_the_papers_released_pairs(tmp_path):
+    """Three pairs of the paper's released set that lie in the Tang poems (halves of unequal
+    length; a comma the shipped file drops; a sentence after a couplet ended by a comma) were
+    refused; `--parts data` now writes them as the test pairs and keeps their poems out of SFT."""
+    holdout = tmp_path / "holdout.jsonl"
+    write_pairs(holdout, PAPER_PAIRS)
+    done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    test = [json.loads(ln) for ln in (tmp_path / "out" / "test_pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["first"], r["second"]) for r in test] == PAPER_PAIRS
+    sft = (tmp_path / "out" / "sft.jsonl").read_text(encoding="utf-8")
+    corpus = (tmp_path / "out" / "corpus.txt").read_text(encoding="utf-8")
+    for first, second in PAPER_PAIRS:
+        assert first not in sft and second not in sft and first in corpus and second in corpus
+    for title in ("《蜀道难》", "《梦游天姥吟留别》", "《喜见外弟又言别》"):  # the poems, read once each in pretraining
+        assert corpus.count(title) == 1

@@ -76,6 +76,32 @@ def parse_fortune_poems(text: str) -> list[Poem]:
     return poems
 
 
+# A line that names a part of a poem rather than holding its text: "其二", "第三首", "《其二》", "【二】"
+SUBTITLE = re.compile(r"^[《〈【\[（(・·]?\s*(其|第)?[一二三四五六七八九十百0-9]+首?\s*[》〉】\])）・·]?$|^[《〈【].*[》〉】]$")
+SENTENCE_END = re.compile(r"(?<=[。？！；])")
+# Half-width marks as full-width ones, and no spaces: "A, B." reads as "A，B。"
+PUNCTUATION = str.maketrans({",": "，", "?": "？", "!": "！", ";": "；", ".": "。", " ": None, "\u3000": None, "\t": None})
+QUOTES = "“”‘’「」『』\"'"
+
+
+def poem_sentences(poem: Poem) -> list[str]:
+    """A poem's sentences, each ending in its mark (。？！；) unless it ends the poem unmarked: its
+    lines are joined (a sentence may be wrapped over lines), a sub-title line ("其二") ends the
+    sentence before it and is dropped, half-width marks read as full-width ones, quotation marks
+    around a sentence are dropped. A sentence with commas keeps them ("A，B。")."""
+    out: list[str] = []
+    part: list[str] = []
+    for line in [*poem.lines, "其一"]:  # a last sub-title flushes the last part
+        text = line.translate(PUNCTUATION)
+        if text and not SUBTITLE.match(text):
+            part.append(text)
+            continue
+        pieces = (s.strip(QUOTES) for s in SENTENCE_END.split("".join(part)))
+        out.extend(s for s in pieces if s.strip("。？！；，"))
+        part = []
+    return out
+
+
 FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 

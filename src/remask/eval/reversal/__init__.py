@@ -1,8 +1,8 @@
 """The reversal curse (LLaDA section 3.3, Table 4): complete the next line of a poem, and the
 previous one, side by side with the autoregressive twin.
 
-The protocol of the paper's released evaluation: a pair is the two halves of a couplet (split at
-`，`), asked as `X的下一句是什么？` (forward) and `X的上一句是什么？` (backward) with the instruction to
+The protocol of the paper's released evaluation: a pair is the two halves of a sentence of a poem (split at
+its `，`, of any lengths), asked as `X的下一句是什么？` (forward) and `X的上一句是什么？` (backward) with the instruction to
 answer with the line only; an answer counts when it contains the gold half-line (exact match is
 reported too). A second set of facts is built the same way: countries and capitals.
 
@@ -26,9 +26,11 @@ from remask.eval.reversal.data import (
     couplets,
     load_holdout,
     make_probes,
+    place,
     poem_set,
     probes,
     question,
+    sentence_pairs,
     split,
     statements,
 )
@@ -37,7 +39,7 @@ from remask.eval.reversal.score import record_direction, score_answers
 
 __all__ = [
     "COUPLET", "DIRECTIONS", "QUESTIONS", "Direction", "Pair", "Probe", "Question", "ReversalSet", "answer_questions",
-    "capital_set", "couplets", "evaluate", "infill_answers", "load_holdout", "make_probes", "poem_set",
-    "probe_answers", "probes", "question", "record_direction", "restatements", "score_answers", "sft_dialogues",
-    "split", "statement_documents", "statements", "write_jsonl",
+    "capital_set", "couplets", "evaluate", "infill_answers", "load_holdout", "make_probes", "place",
+    "poem_set", "probe_answers", "probes", "question", "record_direction", "restatements", "score_answers",
+    "sentence_pairs", "sft_dialogues", "split", "statement_documents", "statements", "write_jsonl",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from remask.data.corpora import Poem, parse_jsonl_file
+from remask.data.corpora import PUNCTUATION, QUOTES, Poem, parse_jsonl_file, poem_sentences
 from remask.data.facts import capitals
 from remask.errors import RemaskError
 from remask.tokenizer import Tokenizer, check_text
@@ -20,7 +20,6 @@ Direction = Literal["forward", "backward"]
 DIRECTIONS: tuple[Direction, Direction] = ("forward", "backward")
 Kind = Literal["poem", "capital"]
 StatementStyle = Literal["qa", "plain"]
-SENTENCE_END = re.compile(r"(?<=[。？！；])")
 HALF = re.compile(r"^[\u3400-\u9fff]{4,9}$")  # a half-line: Chinese characters only
 
 
@@ -64,27 +63,44 @@ class ReversalSet:
 # --- building the sets --------------------------------------------------------------------------------
 
 
+def clauses(sentence: str) -> list[str]:
+    """A sentence (as `poem_sentences` gives it) cut at its commas, its end mark dropped."""
+    return sentence.rstrip("。？！；").split("，")
+
+
 def couplets(poem: Poem) -> list[tuple[str, str]]:
-    """The regular couplets of a poem: its lines are joined first (a couplet may be wrapped over
-    two lines), cut into sentences at 。？！；, and a sentence `A，B` with two halves of equal
-    length counts; so do two consecutive comma-less sentences of equal length (a couplet written
-    with 。 between its halves). Prose (prefaces) and irregular lines are skipped."""
-    sentences = [s.strip() for s in SENTENCE_END.split("".join(poem.lines)) if s.strip()]
+    """The regular couplets of a poem, from its sentences (`poem_sentences`: wrapped lines joined,
+    sub-titles dropped): a sentence `A，B` with two halves of equal length counts, and so does
+    `A，B，C，D` read as two such couplets (a couplet ended by a comma, as in 长大一相逢，); so do two
+    consecutive comma-less sentences of equal length (a couplet written with 。 between its halves).
+    Prose (prefaces) and irregular lines are skipped."""
     out, pending = [], None
-    for sentence in sentences:
-        body = sentence.rstrip("。？！；")
-        parts = body.split("，")
-        if len(parts) == 2 and len(parts[0]) == len(parts[1]) and all(HALF.match(p) for p in parts):
-            out.append((parts[0], parts[1]))
+    for sentence in poem_sentences(poem):
+        parts = clauses(sentence)
+        firsts, seconds = parts[::2], parts[1::2]
+        if (len(parts) % 2 == 0 and all(HALF.match(p) for p in parts)
+                and all(len(a) == len(b) for a, b in zip(firsts, seconds))):
+            out.extend(zip(firsts, seconds))
             pending = None
-        elif len(parts) == 1 and HALF.match(body):
-            if pending is not None and len(pending) == len(body):
-                out.append((pending, body))
+        elif len(parts) == 1 and HALF.match(parts[0]):
+            if pending is not None and len(pending) == len(parts[0]):
+                out.append((pending, parts[0]))
                 pending = None
             else:
-                pending = body
+                pending = parts[0]
         else:
             pending = None
+    return out
+
+
+def sentence_pairs(poem: Poem) -> list[tuple[str, str]]:
+    """Every pair the paper's protocol may ask about, of any lengths: the two halves of a sentence
+    split at its comma (`A，B`), or of each half of a sentence of 2k clauses (`A，B，C，D` as two)."""
+    out = []
+    for sentence in poem_sentences(poem):
+        parts = clauses(sentence.rstrip("。？！；，"))
+        if len(parts) % 2 == 0 and all(parts):
+            out.extend(zip(parts[::2], parts[1::2]))
     return out
 
 
@@ -97,15 +113,56 @@ def _unique(found: Sequence[tuple[int, str, str]]) -> list[Pair]:
     return [Pair(a, b, i) for i, a, b in found if counts[a] == 1 and counts[b] == 1]
 
 
-def poem_set(poems: Sequence[Poem]) -> ReversalSet:
-    """One document per poem (its text as pretraining sees it); pairs whose halves are unique in
-    the whole set."""
+def half(text: str) -> str:
+    """A half as a poem's sentences read it (`poem_sentences`): full-width marks, no spaces, no
+    quotation marks, no mark at either end ("床前明月光，" is 床前明月光)."""
+    return text.translate(PUNCTUATION).strip(QUOTES).strip("，。？！；：、")
+
+
+def place(poems: Sequence[Poem], pairs: Sequence[Pair]) -> list[Pair]:
+    """`pairs` found in `poems`, each with the index of the first poem that holds it as its source
+    and its halves as the poem writes them (`half`: full-width marks, no spaces or end marks):
+    the two halves of a sentence split at its comma (`sentence_pairs`), of any lengths, or the two
+    parts of a comma-less sentence (an edition that drops the comma: 蜀道之难难于上青天。). One
+    RemaskError naming every pair that is not found."""
+    where: dict[tuple[str, str], int] = {}
+    joined: dict[str, int] = {}  # the comma-less sentences
+    for i, poem in enumerate(poems):
+        for a, b in sentence_pairs(poem):
+            where.setdefault((a, b), i)
+        for sentence in poem_sentences(poem):
+            if "，" not in sentence:
+                joined.setdefault(sentence.rstrip("。？！；"), i)
+    placed, missing = [], []
+    for p in pairs:
+        first, second = half(p.first), half(p.second)
+        source = where.get((first, second), joined.get(first + second)) if first and second else None
+        if source is None:
+            missing.append(str(p))
+        else:
+            placed.append(Pair(first, second, source))
+    if missing:
+        raise RemaskError(f"{len(missing)} holdout pair(s) are not the two halves of a sentence of the poems split at its "
+                          f"comma: {'; '.join(missing)}")
+    return placed
+
+
+def poem_set(poems: Sequence[Poem], holdout: Sequence[Pair] | None = None) -> ReversalSet:
+    """One document per poem (its text as pretraining sees it); pairs: the regular couplets whose
+    halves are unique in the whole set, and the `holdout` pairs wherever they are (`place`; a
+    couplet sharing a half with one of them is dropped, so that a half has one answer)."""
     found = [(i, a, b) for i, poem in enumerate(poems) for a, b in couplets(poem)]
     pairs = _unique(found)
+    placed = list(dict.fromkeys(place(poems, holdout))) if holdout else []
+    taken = {h for p in placed for h in (p.first, p.second)}
+    kept = [p for p in pairs if p.first not in taken and p.second not in taken]
+    pairs = sorted(kept + [p for p in placed if p not in kept], key=lambda p: p.source)
     if not pairs:
         raise RemaskError("the poem file holds no usable couplets (two halves of equal length split by ，)")
     stats = {"poems": len(poems), "poems_with_couplets": len({p.source for p in pairs}), "couplets": len(pairs),
-             "couplets_dropped_as_ambiguous": len(found) - len(pairs)}
+             "couplets_dropped_as_ambiguous": len(found) - len(kept)}
+    if holdout:
+        stats["holdout_pairs"] = len(placed)
     return ReversalSet("poem", [p.text() for p in poems], pairs, stats)
 
 
@@ -140,9 +197,9 @@ def split(data: ReversalSet, *, test_fraction: float, seed: int,
     sources = sorted(data.by_source())
     if holdout is not None:
         index = {(p.first, p.second): p for p in data.pairs}
-        missing = [f"{p.first}，{p.second}" for p in holdout if (p.first, p.second) not in index]
+        missing = [str(p) for p in holdout if (p.first, p.second) not in index]
         if missing:
-            raise RemaskError(f"{len(missing)} holdout pair(s) are not couplets of the poems, e.g. {missing[0]}")
+            raise RemaskError(f"{len(missing)} holdout pair(s) are not pairs of this set: {'; '.join(missing)}")
         test_pairs = [index[(p.first, p.second)] for p in holdout]
         test_sources = {p.source for p in test_pairs}
     else:
