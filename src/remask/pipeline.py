@@ -142,35 +142,37 @@ class Pipeline:
         Answers end at the first end-of-text, then at the first of `stops`."""
         if len(prompts) != len(seeds):
             raise RemaskError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for ids in prompts:
-            self.check_context(len(ids), sampler.gen_length)
-        generators = [torch.Generator(device=self.device).manual_seed(check_seed(seed)) for seed in seeds]
         if not prompts:
             return []
-        run = self._decode if self.causal else self._denoise
-        return [self.answer(ids, steps, stops) for ids, steps in run(prompts, sampler, generators, on_step)]
+        run = self._decode if self.causal else self._denoise  # each checks the context
+        return [self.answer(ids, steps, stops) for ids, steps in run(prompts, sampler, seeds, on_step)]
 
-    def _denoise(self, prompts: list[list[int]], sampler: SamplerConfig, generators: list[torch.Generator],
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on the model's device seeded with `seed` (checked): one per row or request."""
+        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
+
+    def _denoise(self, prompts: list[list[int]], sampler: SamplerConfig, seeds: Sequence[int],
                  on_step: Callable[[StepInfo], None] | None) -> list[tuple[list[int], list[int]]]:
         """The fast sampler's engine, a row per prompt: (answer ids, reveal steps) per row."""
         engine = Engine(self.model, mask_id=self.tokenizer.mask_id, vocab_size=self.model.config.vocab_size,
                         eos_ids=self.stop_ids())
-        rows = [engine.add(ids, sampler, generator=g, on_step=on_step) for ids, g in zip(prompts, generators)]
+        rows = [engine.add(ids, sampler, generator=self.generator(s), on_step=on_step) for ids, s in zip(prompts, seeds)]
         with torch.no_grad():
             engine.run()
         return [(r.answer, r.answer_reveal_step) for r in (row.result() for row in rows)]
 
-    def _decode(self, prompts: list[list[int]], sampler: SamplerConfig, generators: list[torch.Generator],
+    def _decode(self, prompts: list[list[int]], sampler: SamplerConfig, seeds: Sequence[int],
                 on_step: Callable[[StepInfo], None] | None) -> list[tuple[list[int], list[int]]]:
         """The AR twin's answers: (answer ids, the step that wrote each)."""
-        answers = self.decode(prompts, sampler.gen_length, temperature=sampler.temperature, generators=generators)
+        answers = self.decode(prompts, sampler.gen_length, temperature=sampler.temperature, seeds=seeds)
         return [(row, list(range(len(row)))) for row in answers]
 
     def decode(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-               generators: Sequence[torch.Generator] | None = None, stop: bool = True) -> list[list[int]]:
+               seeds: Sequence[int] | None = None, stop: bool = True) -> list[list[int]]:
         """The AR twin's next ids after each prompt: KV-cached decoding of the left-padded batch, row i
-        drawing from `generators[i]` (greedy at temperature 0); rows end at an end-of-text with `stop`,
-        else each gets `max_new_tokens` ids."""
+        drawing from its own generator seeded `seeds[i]` (greedy at temperature 0); rows end at an
+        end-of-text with `stop`, else each gets `max_new_tokens` ids."""
+        generators = None if seeds is None else [self.generator(s) for s in seeds]
         for ids in prompts:
             self.check_context(len(ids), max_new_tokens)
         ids, attention = left_pad(prompts, self.tokenizer.pad_id, self.device)
@@ -184,9 +186,8 @@ class Pipeline:
         on either side and masks outside it are context. The reference `fill_masks` with no cache and
         the schedule rule; the fast engine's `fill_masks_fast` for a cache or a parallel rule. The
         region's ids."""
-        check_fits(len(ids), 0, self.context, what="the text to infill")
-        x = torch.tensor([ids], device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(check_seed(seed))
+        self.check_context(len(ids), 0, what="the text to infill")
+        x, generator = torch.tensor([ids], device=self.device), self.generator(seed)
         mask_id = self.tokenizer.mask_id
         with torch.no_grad():
             if sampler.cache != "none" or sampler.parallel != "schedule":

@@ -132,12 +132,12 @@ class RemaskLM(LM):
                 chunk = members[start:start + self.batch_size]
                 contexts = [self.encode_context(requests[i].args[0])[-(self.max_len - gen_length):] for i in chunk]
                 seeds = [self.seed + i for i in chunk]  # a request's answer does not depend on its batch
-                for i, ids in zip(chunk, self.pipe.sample(contexts, sampler, seeds, stops=())):
+                for i, generation in zip(chunk, self.pipe.sample(contexts, sampler, seeds)):
                     kwargs = dict(requests[i].args[1] or {})
                     until = kwargs.get("until") or []
-                    limit = int(kwargs.get("max_gen_toks", 256))
-                    out[i] = self.pipe.answer(ids.ids, stops=[until] if isinstance(until, str) else until,
-                                              limit=limit).text
+                    # the canvas is whole blocks: cut again at this request's token limit and stop strings
+                    out[i] = self.pipe.answer(generation.ids, stops=[until] if isinstance(until, str) else until,
+                                              limit=int(kwargs.get("max_gen_toks", 256))).text
         return out  # type: ignore[return-value]
 
     # --- helpers ------------------------------------------------------------------------------------

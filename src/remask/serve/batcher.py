@@ -167,7 +167,7 @@ class Batcher:
             if job.cancelled.is_set():
                 continue
             seed = job.seed if job.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(device=self.pipe.device).manual_seed(seed)
+            generator = self.pipe.generator(seed)
             on_step = _partials(job) if job.stream_steps else None
             try:
                 row = self.engine.add(job.prompt_ids, job.sampler, generator=generator, on_step=on_step)

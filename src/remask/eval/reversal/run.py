@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from remask.config import SEED_LIMIT
 from remask.errors import RemaskError
 from remask.eval.reversal.data import (
@@ -42,13 +40,6 @@ Mode = Literal["qa", "infill", "statement"]
 def item_seed(seed: int, index: int) -> int:
     """The seed of the index-th question (or probe) of a run seeded with `seed`."""
     return (seed + index) % SEED_LIMIT
-
-
-def _decode(pipe: Pipeline, prompts: list[list[int]], n: int, temperature: float, seeds: Sequence[int],
-            stop: bool) -> list[list[int]]:
-    """The AR twin's next n ids after each prompt (each row its own generator), through the pipeline."""
-    generators = [torch.Generator(device=pipe.device).manual_seed(s) for s in seeds]
-    return pipe.decode(prompts, n, temperature=temperature, generators=generators, stop=stop)
 
 
 def sample(pipe: Pipeline, prompts: list[list[int]], sampler: SamplerConfig, seeds: Sequence[int]) -> list[str]:
@@ -91,8 +82,8 @@ def _continue(pipe: Pipeline, probes: list[Probe], temperature: float, seed: int
                                                                     f"{probes[i].pair}")
     for start in range(0, len(ask), batch_size):
         chunk = ask[start:start + batch_size]
-        rows = _decode(pipe, [probes[i].before for i in chunk], max(probes[i].n for i in chunk), temperature,
-                       [item_seed(seed, i) for i in chunk], stop=False)
+        rows = pipe.decode([probes[i].before for i in chunk], max(probes[i].n for i in chunk), temperature=temperature,
+                           seeds=[item_seed(seed, i) for i in chunk], stop=False)
         for i, row in zip(chunk, rows):
             out[i] = pipe.tokenizer.decode(row[:probes[i].n])
     return out
