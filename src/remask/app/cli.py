@@ -9,6 +9,7 @@ heavy imports (torch) is caught by `main` like any other.
 """
 
 import os
+import signal
 import sys
 
 
@@ -184,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `remask` program: main(), then exit with its code. An interrupted run exits at once
     (os._exit): CPython would otherwise re-raise SIGINT at shutdown when the interrupt landed in
-    some C-level import, turning exit code 130 into a kill by signal."""
-    code = main()
+    some C-level import, turning exit code 130 into a kill by signal. Once the command is done a
+    late Ctrl-C is ignored: during the interpreter's shutdown the default handler is back, and the
+    signal would end the process as killed (-2) instead of with the command's own code."""
+    try:
+        code = main()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # between main's return and the line above
+        code = 130
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
