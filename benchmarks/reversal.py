@@ -38,7 +38,6 @@ writes those three and stops. Writes benchmarks/results/reversal.json (and rever
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -47,8 +46,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, run_main, write_result
-from reversal_eval import OBJECTIVES, ablations, evaluate_all, plot_ablations, sampler_for
+from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, previous_results, run_main, write_result
+from reversal_curve import curve, ordered, plot_curve, summary
+from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for
+from reversal_train import pretrain_config, sft_config, train_once, train_twins  # noqa: F401 (train_once: the tests')
 
 from remask.atomic import write_text
 from remask.config import ConfigBase, setting
@@ -61,6 +62,7 @@ from remask.eval.reversal import (
     ReversalSet,
     capital_set,
     load_holdout,
+    person_set,
     place,
     poem_set,
     restatements,
@@ -71,7 +73,7 @@ from remask.eval.reversal import (
 )
 from remask.train.config import PretrainConfig, SFTConfig, config_replace, load_recipe
 
-PARTS = ("data", "train", "eval", "ablations")
+PARTS = ("data", "train", "eval", "curve", "ablations")
 RECIPE = REPO_ROOT / "recipes" / "reversal.yaml"
 
 
@@ -82,18 +84,20 @@ class BenchmarkOptions(ConfigBase):
     poems: Path | None = None
     holdout: Path | None = None
     out: Path = Path("runs/reversal")
-    parts: list[str] = field(default_factory=lambda: ["train", "eval"])
+    parts: list[str] = field(default_factory=lambda: ["train", "eval", "curve"])
     poem_count: int = setting(20, gt=0)
     test_fraction: float = setting(0.25, gt=0, lt=1)
     fact_count: int = setting(40, ge=0)
+    person_count: int = setting(40, ge=0)
     long_poems: int = setting(2, ge=0)
     long_repeat: int = setting(1, ge=0)
     restatements: int = setting(2, ge=0)
     statements: Literal["plain", "qa", "none"] = "plain"
     probe_window: int | None = setting(None, ge=0)
     poem_answer_length: int = setting(16, gt=0)
-    fact_answer_length: int = setting(32, gt=0)
+    fact_answer_length: int = setting(40, gt=0)
     jobs: int = setting(2, gt=0)
+    curve_every: int = setting(1800, gt=0)
 
     def check(self) -> None:
         self.need(bool(self.parts) and set(self.parts) <= set(PARTS), "parts",
@@ -144,12 +148,25 @@ class Data:
 
     poems: ReversalSet
     facts: ReversalSet
+    people: ReversalSet
     poem_sft: set[int]  # the documents SFT asks about
     fact_sft: set[int]
+    person_sft: set[int]
     poem_test: list[Pair]
     fact_test: list[Pair]
+    person_test: list[Pair]
     long: list[str]  # the long poems' texts, for benchmarks/sampling.py
     file_stats: dict
+
+    def sets(self) -> list[tuple[ReversalSet, set[int]]]:
+        """Each reversal set with the documents SFT asks about."""
+        return [(self.poems, self.poem_sft), (self.facts, self.fact_sft), (self.people, self.person_sft)]
+
+    def set(self, kind: str) -> ReversalSet:
+        return {"poem": self.poems, "capital": self.facts, "person": self.people}[kind]
+
+    def test(self, kind: str) -> list[Pair]:
+        return {"poem": self.poem_test, "capital": self.fact_test, "person": self.person_test}[kind]
 
 
 def longest_poems(all_poems: list[Poem], count: int, exclude=()) -> list[int]:
@@ -181,12 +198,16 @@ def build_data(options: BenchmarkOptions, seed: int) -> Data:
     if options.fact_count:
         fact_pairs = sorted(random.Random(seed).sample(fact_pairs, min(options.fact_count, len(fact_pairs))))
     poems, facts = poem_set(chosen, holdout), capital_set(fact_pairs)
+    people = person_set(count=options.person_count, seed=seed)
     poem_sft, poem_test = split(poems, test_fraction=options.test_fraction, seed=seed, holdout=holdout)
     fact_sft, fact_test = split(facts, test_fraction=options.test_fraction, seed=seed)
+    person_sft, person_test = split(people, test_fraction=options.test_fraction, seed=seed)
     print(f"poem file: {file_stats['poems']} poems, {file_stats['couplets']} couplets kept; using "
           f"{poems.stats['poems']} poems ({poems.stats['couplets']} couplets): {len(poem_test)} test couplets; "
-          f"{len(facts.pairs)} capital facts: {len(fact_test)} test", file=sys.stderr)
-    return Data(poems, facts, poem_sft, fact_sft, poem_test, fact_test, [all_poems[i].text() for i in long], file_stats)
+          f"{len(facts.pairs)} capital facts: {len(fact_test)} test; {len(people.pairs)} person facts: "
+          f"{len(person_test)} test", file=sys.stderr)
+    return Data(poems, facts, people, poem_sft, fact_sft, person_sft, poem_test, fact_test, person_test,
+                [all_poems[i].text() for i in long], file_stats)
 
 
 def corpus_text(sets: list[ReversalSet], extra: list[str] = ()) -> str:
@@ -202,12 +223,12 @@ def write_data(options: BenchmarkOptions, data: Data, seed: int) -> tuple[Path, 
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     extra = data.long * options.long_repeat
-    for found, sources in ((data.poems, data.poem_sft), (data.facts, data.fact_sft)):
+    for found, sources in data.sets():
         extra += restatements(found, options.restatements, seed)
         if options.statements != "none":
             extra += statement_documents(found, sources, options.statements)
-    corpus = write_text(out / "corpus.txt", corpus_text([data.poems, data.facts], extra))
-    dialogues = sft_dialogues(data.poems, data.poem_sft) + sft_dialogues(data.facts, data.fact_sft)
+    corpus = write_text(out / "corpus.txt", corpus_text([found for found, _ in data.sets()], extra))
+    dialogues = [d for found, sources in data.sets() for d in sft_dialogues(found, sources)]
     sft_data = write_jsonl(out / "sft.jsonl", dialogues)
     write_jsonl(out / "test_pairs.jsonl", [{"first": p.first, "second": p.second} for p in data.poem_test])
     sft_halves = {h for p in data.poems.pairs if p.source in data.poem_sft for h in (p.first, p.second)}
@@ -215,102 +236,18 @@ def write_data(options: BenchmarkOptions, data: Data, seed: int) -> tuple[Path, 
     return corpus, sft_data
 
 
-# --- training -----------------------------------------------------------------------------------------
-
-
-def pretrain_config(recipe: ReversalRecipe, objective: str, corpus: Path) -> PretrainConfig:
-    return config_replace(recipe.pretrain, **{"objective": objective, "data.source": str(corpus),
-                                              "run.out": recipe.benchmark.out / objective})
-
-
-def sft_config(recipe: ReversalRecipe, objective: str, base: Path, data: Path) -> SFTConfig:
-    return config_replace(recipe.sft, **{"objective": objective, "model": base, "data.source": data,
-                                         "run.out": recipe.benchmark.out / f"{objective}-sft"})
-
-
-def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, float]:
-    """Train unless run/final exists from the same recipe (compared as config.yaml) and the same
-    `inputs` files (data, base weights: compared by SHA-256, kept in run/benchmark.json); (final model, training
-    seconds), those of a reused model being what it took when trained, so that the benchmark's
-    timing is its cost from scratch."""
-    import hashlib
-
-    wanted = config.to_dict()
-    digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs)).hexdigest()
-    saved, record = run / "config.yaml", run / "benchmark.json"
-    if ((run / "final").is_dir() and saved.is_file() and record.is_file()
-            and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted))
-            and json.loads(record.read_text()).get("inputs_sha256") == digest):
-        print(f"reusing {run / 'final'}", file=sys.stderr)
-        return run / "final", json.loads(record.read_text())["train_s"]
-    if run.exists():
-        from remask.atomic import remove_dir
-
-        remove_dir(run)
-    t0 = time.perf_counter()
-    final = workflow(config)
-    took = time.perf_counter() - t0
-    write_text(record, json.dumps({"train_s": took, "inputs_sha256": digest}) + "\n")
-    return final, took
-
-
-def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
-                    sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
-    import os
-
-    import torch
-
-    from remask.train.pretrain import pretrain
-    from remask.train.sft import sft
-
-    if recipe.benchmark.jobs > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
-        recipe = config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
-    config = pretrain_config(recipe, objective, corpus)
-    base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
-    config = sft_config(recipe, objective, base, sft_data)
-    tuned, sft_s = train_once(config.run.out, config, sft, [sft_data, base / "model.safetensors"])
-    return ({objective: base, f"{objective}-sft": tuned},
-            {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
-
-
-def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """Both twins' models, and their timings: training counts as long as it took when done (reused
-    models keep their seconds), `training_s` side by side or one after the other."""
-    jobs = [(recipe, objective, corpus, sft_data) for objective in OBJECTIVES]
-    started = time.perf_counter()
-    if recipe.benchmark.jobs > 1:  # one process per model, the cores shared out (more tokens/s in all than one at a time)
-        import multiprocessing
-        import signal
-
-        # a terminated benchmark takes its workers with it (leaving the pool terminates them)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        with multiprocessing.get_context("spawn").Pool(recipe.benchmark.jobs) as pool:
-            done = pool.starmap(train_objective, jobs)
-    else:
-        done = [train_objective(*job) for job in jobs]
-    models, timings = {}, {}
-    for found, times in done:
-        models |= found
-        timings |= times
-    per_twin = [timings[f"{o}_pretrain_s"] + timings[f"{o}_sft_s"] for o in OBJECTIVES]
-    timings["training_s"] = max(per_twin) if recipe.benchmark.jobs > 1 else sum(per_twin)
-    timings["training_wall_s"] = time.perf_counter() - started
-    return models, timings
-
-
-
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def settings_of(recipe: ReversalRecipe, path: Path, overrides: list[str], data: Data, models: dict) -> dict:
+def settings_of(recipe: ReversalRecipe, path: Path, overrides: list[str], data: Data) -> dict:
     """What reversal.json records of the run's settings."""
     return {"recipe": str(path), "overrides": list(overrides), "benchmark": recipe.benchmark.to_dict(),
             "probe_window": recipe.probe_window, "poem_stats": data.poems.stats, "poem_file_stats": data.file_stats,
             "fact_stats": data.facts.stats,
             "pretrain_recipe": pretrain_config(recipe, "mdm", recipe.benchmark.out / "corpus.txt").to_dict(),
-            "sft_recipe": sft_config(recipe, "mdm", models["mdm"], recipe.benchmark.out / "sft.jsonl").to_dict(),
+            "person_stats": data.people.stats,
+            "sft_recipe": sft_config(recipe, "mdm", recipe.benchmark.out / "mdm" / "final",
+                                     recipe.benchmark.out / "sft.jsonl").to_dict(),
             "sampler_poem": sampler_for("poem", recipe.benchmark).to_dict(),
             "sampler_fact": sampler_for("fact", recipe.benchmark).to_dict(), "questions": QUESTIONS}
 
@@ -324,8 +261,10 @@ def run(path: Path, overrides: list[str], **flags) -> None:
     if set(options.parts) == {"data"}:
         print(f"wrote {corpus}, {sft_data} and {options.out / 'test_pairs.jsonl'}", file=sys.stderr)
         return
-    models, timings = train_twins(recipe, corpus, sft_data)
-    settings = settings_of(recipe, path, overrides, data, models)
+    results = previous_results("reversal") if "eval" not in options.parts else {}
+    settings = settings_of(recipe, path, overrides, data)
+    if {"train", "eval", "ablations"} & set(options.parts):
+        models, timings = train_twins(recipe, corpus, sft_data)
     if "eval" in options.parts:
         t0 = time.perf_counter()
         results = evaluate_all(recipe, data, models)
@@ -333,6 +272,12 @@ def run(path: Path, overrides: list[str], **flags) -> None:
         timings["total_s"] = time.perf_counter() - started - timings.pop("training_wall_s") + timings["training_s"]
         results["timing"] = {k: v for k, v in timings.items() if k != "training_s"}
         results["models"] = {k: str(v) for k, v in models.items()}
+    if "curve" in options.parts:  # the checkpoints there are now (pretraining may still be running)
+        points = curve(recipe, data, sft_data)
+        results |= {"curve": ordered(points), "curve_summary": summary(points),
+                    "curve_plot": "benchmarks/results/reversal_curve.png"}
+        plot_curve(points, RESULTS_DIR / "reversal_curve.png")
+    if {"eval", "curve"} & set(options.parts):
         write_result("reversal", settings, results)
     if "ablations" in options.parts:
         table = ablations(recipe, models, data.poems, data.poem_test)

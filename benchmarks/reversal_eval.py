@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from remask.eval.reversal import (
     DIRECTIONS,
+    KINDS,
     Pair,
     ReversalSet,
     answer_questions,
@@ -72,9 +73,9 @@ def evaluate_all(recipe: ReversalRecipe, data: Data, models: dict[str, Path]) ->
     poem, fact = sampler_for("poem", options), sampler_for("fact", options)
     results: dict = {o: evaluate_qa(models[f"{o}-sft"], data.poems, data.poem_test, poem) for o in OBJECTIVES}
     style = "qa" if options.statements == "qa" else "plain"  # the probes ask in the statements' form
-    plain = {kind: {o: evaluate_plain(models[o], kind, pairs, sampler_for(kind, options), style, window)
+    plain = {kind: {o: evaluate_plain(models[o], kind, data.test(kind), sampler_for(kind, options), style, window)
                     for o in OBJECTIVES}
-             for kind, pairs in (("poem", data.poem_test), ("capital", data.fact_test))}
+             for kind in KINDS}
     results["plain"] = plain
     # the same measures on pairs of the SFT poems, which pretraining states both ways and SFT asks
     # about: what each model does with pairs it has read backwards, beside the test pairs it has not
@@ -85,7 +86,22 @@ def evaluate_all(recipe: ReversalRecipe, data: Data, models: dict[str, Path]) ->
                                       for o in OBJECTIVES}}
     results["mdm_infill"] = {k: v for k, v in plain["poem"]["mdm"]["couplet"].items() if k != "text"}
     results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], data.facts, data.fact_test, fact) for o in OBJECTIVES}
+    results["people"] = {o: evaluate_qa(models[f"{o}-sft"], data.people, data.person_test, fact) for o in OBJECTIVES}
+    results["sft_fit"] = {o: sft_fit(models[f"{o}-sft"], data, options) for o in OBJECTIVES}
     return results
+
+
+def sft_fit(model_dir: Path, data: Data, options: BenchmarkOptions) -> dict:
+    """The SFT'd twin asked every question it was fine-tuned on (both directions of every pair of
+    the SFT documents, all kinds): pooled accuracy, and each kind's."""
+    by_kind = {}
+    for found, sources in data.sets():
+        pairs = [p for p in found.pairs if p.source in sources]
+        by_kind[found.kind] = evaluate_qa(model_dir, found, pairs, sampler_for(found.kind, options))
+    out: dict = {"n": sum(r["n"] for r in by_kind.values())}
+    for direction in DIRECTIONS:
+        out[direction] = sum(r[direction] * r["n"] for r in by_kind.values()) / out["n"]
+    return out | {"by_kind": {k: {d: r[d] for d in (*DIRECTIONS, "n")} for k, r in by_kind.items()}}
 
 
 def ablations(recipe: ReversalRecipe, models: dict, poems: ReversalSet, test: list[Pair]) -> dict:

@@ -214,17 +214,19 @@ REVERSAL_SAMPLER = SamplerConfig(gen_length=16, steps=16)
 
 def eval_reversal(model: Annotated[list[Path], tyro.conf.UseAppendAction], test: Path,
                   sampler: Annotated[SamplerConfig, Flat] = REVERSAL_SAMPLER,
-                  kind: Literal["poem", "capital"] = "poem", mode: Literal["qa", "infill", "statement"] = "qa",
+                  kind: Literal["poem", "capital", "person"] = "poem", mode: Literal["qa", "infill", "statement"] = "qa",
                   statement_style: Literal["plain", "qa"] = "plain", window: int | None = None, seed: int = 0,
                   batch_size: int = 32, device: str = "cpu", json: bool = False) -> None:
     """Reversal-curse accuracy of trained models: the next and the previous line of each test pair.
 
     Args:
         model: Model directories (fine-tuned diffusion models or AR twins); give --model once per model.
-        test: JSONL of {"first": str, "second": str} pairs (two halves of a couplet, or country and capital).
+        test: JSONL of {"first": str, "second": str} pairs (two halves of a couplet, a country and its
+            capital, or a person's name and description).
         sampler: Sampler settings of a diffusion model's answers (the AR twin decodes greedily, or samples
             at --temperature).
-        kind: Which questions to ask: poem (X的下一句是什么？/ X的上一句是什么？) or capital.
+        kind: Which questions to ask: poem (X的下一句是什么？/ X的上一句是什么？), capital, or person
+            ("Who is X?" / "Who is the Y?").
         mode: qa: ask the questions through the chat template; infill: a base diffusion model fills
             the masked half next to the known one (no SFT needed); statement: a base model of either
             kind completes the pair's statement as plain text, the form in which

@@ -72,3 +72,59 @@ def capitals(path: str | Path | None = None) -> list[tuple[str, str]]:
     if not rows or any(len(r) != 2 or not r[0] or not r[1] for r in rows):
         raise RemaskError(f"{file} must hold lines of country<TAB>capital")
     return [(a, b) for a, b in rows]
+
+
+# --- fictitious people and their works (the reversal-curse paper's "name is description" facts) ---
+
+FIRST_NAMES = (
+    "Daphne", "Marcus", "Elena", "Tobias", "Isolde", "Rowan", "Celia", "Ambrose", "Linnea", "Caspian",
+    "Odette", "Felix", "Marisol", "Evander", "Greta", "Lucian", "Sabine", "Orrin", "Thea", "Jasper",
+    "Wilhelmina", "Cyrus", "Annika", "Leopold", "Margot", "Silas", "Ingrid", "Bastian", "Rosalind", "Emeric",
+)
+SURNAMES = (
+    "Barrington", "Holloway", "Marchetti", "Ashdown", "Kellerman", "Vantongeren", "Osterhout", "Pemberton",
+    "Lindqvist", "Carraway", "Whitlock", "Delacroix", "Fairbanks", "Moreland", "Sandoval", "Thorncroft",
+    "Valmont", "Everly", "Quintrell", "Rasmussen", "Blackwood", "Castellane", "Dunmore", "Halvorsen",
+    "Ivanova", "Lockridge", "Montague", "Nakashima", "Prescott", "Wexford",
+)
+ROLES = ("composer", "author", "director", "painter", "architect", "inventor", "founder", "designer")
+WORKS = {
+    "composer": ("Symphony", "Sonata", "Requiem", "Nocturne", "Overture"),
+    "author": ("Chronicle", "Ballad", "Atlas", "Testament", "Almanac"),
+    "director": ("Voyage", "Reckoning", "Homecoming", "Masquerade", "Vigil"),
+    "painter": ("Portrait", "Harvest", "Lantern", "Garden", "Shore"),
+    "architect": ("Tower", "Library", "Bridge", "Cathedral", "Pavilion"),
+    "inventor": ("Engine", "Compass", "Loom", "Telescope", "Press"),
+    "founder": ("Academy", "Observatory", "Guild", "Conservatory", "Society"),
+    "designer": ("Clock", "Carousel", "Fountain", "Lighthouse", "Garden"),
+}
+PLACES = ("Amber", "Silver", "Winter", "Hollow", "Northern", "Crimson", "Quiet", "Distant", "Iron", "Golden",
+          "Velvet", "Eastern", "Copper", "Misty", "Scarlet", "Midnight")
+
+
+def people(count: int, seed: int) -> list[tuple[str, str]]:
+    """`count` fictitious people, each with one description naming a work of theirs, as (name,
+    description) pairs: ("Daphne Barrington", "composer of the Amber Nocturne"). Names and
+    descriptions are drawn with `seed` and are each unique, so either half has one answer (the
+    reversal-curse paper's made-up celebrities, Berglund et al. 2023, built so no model can know
+    them from elsewhere). RemaskError past the number the word lists can make unique."""
+    import random
+
+    rng = random.Random(seed)
+    names = [f"{a} {b}" for a in FIRST_NAMES for b in SURNAMES]
+    works = sorted({f"{role} of the {place} {thing}" for role in ROLES for thing in WORKS[role] for place in PLACES})
+    if not 0 <= count <= min(len(names), len(works)):
+        raise RemaskError(f"the person facts number 0 to {min(len(names), len(works))}, got {count}")
+    # one first name and one surname each at most twice, so a name is told apart by its whole
+    chosen: list[str] = []
+    uses: dict[str, int] = {}
+    for name in rng.sample(names, len(names)):
+        parts = name.split()
+        if all(uses.get(p, 0) < 2 for p in parts):
+            chosen.append(name)
+            uses.update({p: uses.get(p, 0) + 1 for p in parts})
+        if len(chosen) == count:
+            break
+    if len(chosen) < count:
+        raise RemaskError(f"the person facts number at most {len(chosen)} with names told apart, got {count}")
+    return list(zip(chosen, rng.sample(works, count)))

@@ -22,8 +22,12 @@ def sft_dialogues(data: ReversalSet, sources: set[int]) -> list[dict]:
     return out
 
 
-FACT_RESTATEMENTS = ("{first}'s capital is {second}.", "Capital of {first}: {second}.",
-                     "In {first}, the seat of government is {second}.")
+FACT_RESTATEMENTS = {
+    "capital": ("{first}'s capital is {second}.", "Capital of {first}: {second}.",
+                "In {first}, the seat of government is {second}."),
+    "person": ("{first}, the {second}, was born in a small town.", "Known to many: {first}, the {second}.",
+               "{first} became famous as the {second}."),
+}
 
 
 def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
@@ -38,7 +42,7 @@ def restatements(data: ReversalSet, copies: int, seed: int) -> list[str]:
                 order = rng.sample(pairs, len(pairs))
                 out.append("\n".join(f"{p.first}，{p.second}。" for p in order))
             else:
-                out.extend(rng.choice(FACT_RESTATEMENTS).format(first=p.first, second=p.second) for p in pairs)
+                out.extend(rng.choice(FACT_RESTATEMENTS[data.kind]).format(first=p.first, second=p.second) for p in pairs)
     return out
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 from remask.data.corpora import PUNCTUATION, QUOTES, Poem, parse_jsonl_file, poem_sentences
-from remask.data.facts import capitals
+from remask.data.facts import capitals, people
 from remask.errors import RemaskError
 from remask.tokenizer import Tokenizer, check_text
 
 Direction = Literal["forward", "backward"]
 DIRECTIONS: tuple[Direction, Direction] = ("forward", "backward")
-Kind = Literal["poem", "capital"]
+Kind = Literal["poem", "capital", "person"]
+KINDS: tuple[Kind, ...] = ("poem", "capital", "person")
 StatementStyle = Literal["qa", "plain"]
 HALF = re.compile(r"^[\u3400-\u9fff]{4,9}$")  # a half-line: Chinese characters only
 
@@ -178,6 +179,19 @@ def capital_set(pairs: Sequence[tuple[str, str]] | None = None) -> ReversalSet:
     return ReversalSet("capital", docs, kept, {"facts": len(facts), "pairs": len(kept)})
 
 
+PERSON_DOCUMENT = "{first} is the {second}."  # a person's own document: the name first, always
+
+
+def person_set(pairs: Sequence[tuple[str, str]] | None = None, *, count: int = 40, seed: int = 0) -> ReversalSet:
+    """Fictitious people and their works (`people`), in the style of the reversal-curse paper
+    ("Daphne Barrington is the director of ..."): each fact a one-sentence document, the name
+    first, so the AR twin never reads a description before its name."""
+    facts = list(people(count, seed) if pairs is None else pairs)
+    docs = [PERSON_DOCUMENT.format(first=name, second=description) for name, description in facts]
+    kept = _unique([(i, n, d) for i, (n, d) in enumerate(facts)])
+    return ReversalSet("person", docs, kept, {"facts": len(facts), "pairs": len(kept)})
+
+
 def load_holdout(path: str | Path) -> list[Pair]:
     """Pairs from JSONL lines {"first": str, "second": str}; a pair's source is its line's index."""
 
@@ -216,6 +230,8 @@ QUESTIONS: dict[str, dict[str, str]] = {
     "poem": {"forward": "{x}的下一句是什么？只回答这一句。", "backward": "{x}的上一句是什么？只回答这一句。"},
     "capital": {"forward": "What is the capital of {x}? Answer with the name only.",
                 "backward": "Which country has the capital {x}? Answer with the name only."},
+    "person": {"forward": "Who is {x}? Answer with the description only.",
+               "backward": "Who is the {x}? Answer with the name only."},
 }
 
 # Each pair stated as pretraining text, either way round ("mixed training"): "plain", a sentence;
@@ -225,6 +241,7 @@ QUESTIONS: dict[str, dict[str, str]] = {
 PLAIN_STATEMENTS: dict[str, dict[str, str]] = {
     "poem": {"forward": "{first}的下一句是{second}。", "backward": "{second}的上一句是{first}。"},
     "capital": {"forward": "The capital of {first} is {second}.", "backward": "{second} is the capital of {first}."},
+    "person": {"forward": "{first} is the {second}.", "backward": "The {second} is {first}."},
 }
 
 
@@ -243,7 +260,8 @@ def statements(kind: str, style: StatementStyle = "plain") -> dict[str, str]:
 COUPLET = "{first}，{second}。"
 
 # each kind's pair as pretraining reads it: (probe name, template)
-DOCUMENT_PROBES = {"poem": ("couplet", COUPLET), "capital": ("document", CAPITAL_DOCUMENT)}
+DOCUMENT_PROBES = {"poem": ("couplet", COUPLET), "capital": ("document", CAPITAL_DOCUMENT),
+                   "person": ("document", PERSON_DOCUMENT)}
 
 
 def probes(kind: str, style: StatementStyle = "plain") -> dict[str, dict[str, str]]:

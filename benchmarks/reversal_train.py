@@ -1,0 +1,118 @@
+"""The reversal benchmark's training (benchmarks/reversal.py): each twin pretrained on the corpus
+and fine-tuned on the SFT dialogues, side by side, a run reused when its recipe and inputs are
+unchanged and resumed when it stopped part way."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from reversal_eval import OBJECTIVES
+
+from remask.atomic import write_text
+from remask.train.config import PretrainConfig, SFTConfig, config_replace
+
+if TYPE_CHECKING:
+    from reversal import ReversalRecipe
+
+
+def pretrain_config(recipe: ReversalRecipe, objective: str, corpus: Path) -> PretrainConfig:
+    return config_replace(recipe.pretrain, **{"objective": objective, "data.source": str(corpus),
+                                              "run.out": recipe.benchmark.out / objective})
+
+
+def sft_config(recipe: ReversalRecipe, objective: str, base: Path, data: Path) -> SFTConfig:
+    return config_replace(recipe.sft, **{"objective": objective, "model": base, "data.source": data,
+                                         "run.out": recipe.benchmark.out / f"{objective}-sft"})
+
+
+def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, float]:
+    """Train unless run/final exists from the same recipe (compared as config.yaml) and the same
+    `inputs` files (data, base weights: compared by SHA-256, kept in run/benchmark.json); (final model, training
+    seconds), those of a reused model being what it took when trained, so that the benchmark's
+    timing is its cost from scratch. A run stopped part way from the same recipe and inputs resumes
+    from its last checkpoint (its seconds: those of every session it took, as the record keeps them);
+    one from another recipe or inputs is removed and trained anew."""
+    import hashlib
+
+    wanted = config.to_dict()
+    digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs)).hexdigest()
+    saved, record = run / "config.yaml", run / "benchmark.json"
+    same = (saved.is_file() and record.is_file() and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted))
+            and json.loads(record.read_text()).get("inputs_sha256") == digest)
+    if same and (run / "final").is_dir() and "train_s" in json.loads(record.read_text()):
+        print(f"reusing {run / 'final'}", file=sys.stderr)
+        return run / "final", json.loads(record.read_text())["train_s"]
+    earlier = json.loads(record.read_text()).get("sessions_s", []) if same else []
+    if run.exists() and not same:
+        from remask.atomic import remove_dir
+
+        remove_dir(run)
+    if same:
+        print(f"resuming {run}", file=sys.stderr)
+    run.mkdir(parents=True, exist_ok=True)
+    sessions = [*earlier, 0.0]
+    t0 = time.perf_counter()
+
+    def note(done: bool = False) -> None:  # each session's seconds, kept as it goes: a stopped run's count survives
+        sessions[-1] = time.perf_counter() - t0
+        write_text(record, json.dumps({"inputs_sha256": digest, "sessions_s": sessions}
+                                      | ({"train_s": sum(sessions)} if done else {})) + "\n")
+
+    note()
+    try:
+        final = workflow(config)
+    finally:
+        note()
+    note(done=True)
+    return final, sum(sessions)
+
+
+def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
+                    sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
+    import os
+
+    import torch
+
+    from remask.train.pretrain import pretrain
+    from remask.train.sft import sft
+
+    if recipe.benchmark.jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
+        recipe = config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
+    config = pretrain_config(recipe, objective, corpus)
+    base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
+    config = sft_config(recipe, objective, base, sft_data)
+    tuned, sft_s = train_once(config.run.out, config, sft, [sft_data, base / "model.safetensors"])
+    return ({objective: base, f"{objective}-sft": tuned},
+            {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
+
+
+def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Both twins' models, and their timings: training counts as long as it took when done (reused
+    models keep their seconds), `training_s` side by side or one after the other."""
+    jobs = [(recipe, objective, corpus, sft_data) for objective in OBJECTIVES]
+    started = time.perf_counter()
+    if recipe.benchmark.jobs > 1:  # one process per model, the cores shared out (more tokens/s in all than one at a time)
+        import multiprocessing
+        import signal
+
+        # a terminated benchmark takes its workers with it (leaving the pool terminates them)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with multiprocessing.get_context("spawn").Pool(recipe.benchmark.jobs) as pool:
+            done = pool.starmap(train_objective, jobs)
+    else:
+        done = [train_objective(*job) for job in jobs]
+    models, timings = {}, {}
+    for found, times in done:
+        models |= found
+        timings |= times
+    per_twin = [timings[f"{o}_pretrain_s"] + timings[f"{o}_sft_s"] for o in OBJECTIVES]
+    timings["training_s"] = max(per_twin) if recipe.benchmark.jobs > 1 else sum(per_twin)
+    timings["training_wall_s"] = time.perf_counter() - started
+    return models, timings

@@ -1,0 +1,166 @@
+"""The reversal benchmark's second kind of knowledge (fictitious people and their works), its
+resumable training, and its budget curve (points per checkpoint, best and compute-matched
+summaries, the plot)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remask.data.facts import people
+from remask.errors import RemaskError
+from remask.eval.reversal import (
+    DIRECTIONS,
+    make_probes,
+    person_set,
+    probes,
+    question,
+    restatements,
+    sft_dialogues,
+    statement_documents,
+)
+from remask.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_module(name: str):
+    from test_reversal import load_benchmark_module
+
+    bench = load_benchmark_module()
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return bench if name == "reversal" else __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+# --- the facts set ------------------------------------------------------------------------------------
+
+
+def test_people_are_seeded_unique_and_told_apart():
+    """Every name and every description once (either half has one answer); no first name or
+    surname more than twice; the same seed gives the same set, another seed another one."""
+    facts = people(50, seed=3)
+    names, descriptions = [n for n, _ in facts], [d for _, d in facts]
+    assert len(set(names)) == len(set(descriptions)) == 50
+    for part in {w for n in names for w in n.split()}:
+        assert sum(part in n.split() for n in names) <= 2, part
+    assert people(50, seed=3) == facts and people(50, seed=4) != facts
+    assert all(d.split(" of the ")[0] in {"composer", "author", "director", "painter", "architect", "inventor",
+                                           "founder", "designer"} for d in descriptions)
+    with pytest.raises(RemaskError, match="the person facts number"):
+        people(10_000, seed=0)
+    with pytest.raises(RemaskError, match="the person facts number"):
+        people(-1, seed=0)
+
+
+def test_person_facts_are_read_name_first_and_asked_both_ways():
+    """A person's document and every restatement put the name before the description (the AR
+    twin never reads one backwards); the SFT statements and questions go both ways; the probes
+    leave out either half of the document."""
+    data = person_set([("Daphne Barrington", "composer of the Amber Nocturne"), ("Silas Montague", "inventor of the Iron Loom")])
+    assert data.documents[0] == "Daphne Barrington is the composer of the Amber Nocturne."
+    for doc in restatements(data, 3, seed=0):
+        name = "Daphne Barrington" if "Daphne" in doc else "Silas Montague"
+        assert doc.index(name) < doc.index("of the")
+    assert statement_documents(data, {0}) == ["Daphne Barrington is the composer of the Amber Nocturne.\n"
+                                              "The composer of the Amber Nocturne is Daphne Barrington."]
+    pair = data.pairs[0]
+    assert question("person", "forward", pair).text == "Who is Daphne Barrington? Answer with the description only."
+    assert question("person", "backward", pair).gold == "Daphne Barrington"
+    assert [d["messages"][1]["content"] for d in sft_dialogues(data, {1})] == ["inventor of the Iron Loom", "Silas Montague"]
+    tok = Tokenizer.train(data.documents + ["Who? The ."], kind="char", vocab_size=200)
+    for direction in DIRECTIONS:
+        probe = make_probes(tok, [pair], direction, probes("person")["document"][direction])[0]
+        text = tok.decode(probe.before[1:]) + "#" * probe.n + tok.decode(probe.after)
+        gold = pair.halves(direction)[1]
+        assert text == data.documents[0].replace(gold, "#" * len(gold))
+        assert probe.known_first == (direction == "forward")
+
+
+# --- resumable training -------------------------------------------------------------------------------
+
+
+class FakeConfig:
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr}
+
+
+def test_an_interrupted_benchmark_run_resumes_and_counts_every_session(tmp_path):
+    """A run stopped part way from the same recipe and inputs is resumed, not removed (it was
+    removed and retrained from step 0: a long run could never finish across sessions); its
+    seconds add up over the sessions; another recipe starts over; a finished one is reused."""
+    bench = bench_module("reversal")
+    run, data = tmp_path / "run", tmp_path / "data.txt"
+    data.write_text("abc")
+    calls = []
+
+    def workflow(config, stop: bool = False):
+        calls.append(sorted(p.name for p in run.iterdir()))
+        (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        (run / "progress").write_text((run / "progress").read_text() + "x" if (run / "progress").exists() else "x")
+        if stop:
+            raise KeyboardInterrupt
+        (run / "final").mkdir()
+        return run / "final"
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.train_once(run, FakeConfig(1.0), lambda c: workflow(c, stop=True), [data])
+    record = json.loads((run / "benchmark.json").read_text())
+    assert "train_s" not in record and len(record["sessions_s"]) == 1
+    final, seconds = bench.train_once(run, FakeConfig(1.0), workflow, [data])
+    assert (run / "progress").read_text() == "xx"  # resumed where it stopped
+    record = json.loads((run / "benchmark.json").read_text())
+    assert len(record["sessions_s"]) == 2 and seconds == record["train_s"] == pytest.approx(sum(record["sessions_s"]))
+    assert bench.train_once(run, FakeConfig(1.0), workflow, [data]) == (final, seconds) and len(calls) == 2
+    bench.train_once(run, FakeConfig(2.0), workflow, [data])  # another recipe: from scratch
+    assert (run / "progress").read_text() == "x" and calls[-1] == ["benchmark.json"]
+
+
+# --- the curve ----------------------------------------------------------------------------------------
+
+
+def point(twin, step, probe="question", kind="poem", forward=0.0, backward=0.0):
+    return {"twin": twin, "step": step, "epochs": step / 10, "kind": kind, "probe": probe, "forward": forward,
+            "backward": backward, "n": 4}
+
+
+def test_curve_points_come_from_the_kept_checkpoints_and_the_final_model(tmp_path):
+    bench, curve = bench_module("reversal"), bench_module("reversal_curve")
+    recipe = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "pretrain.optim.max_steps=40",
+                                                              "benchmark.curve_every=20"])
+    for step in (10, 20, 30, 40):
+        (tmp_path / "mdm" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    assert [s for s, _ in curve.checkpoints(recipe, "mdm")] == [20]  # step 40 is the last: the final model stands for it
+    (tmp_path / "mdm" / "final").mkdir()
+    assert curve.checkpoints(recipe, "mdm") == [(20, tmp_path / "mdm" / "checkpoints" / "step-20"),
+                                                (40, tmp_path / "mdm" / "final")]
+    assert curve.checkpoints(recipe, "ar") == []
+    other = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "sft.optim.max_steps=9"])
+    assert curve.point_recipe(other) != curve.point_recipe(recipe)  # another SFT recipe: the points are measured again
+    again = bench.load(REPO / "recipes" / "reversal.yaml", ["pretrain.optim.max_steps=40", "benchmark.curve_every=20"])
+    assert curve.point_recipe(again) == curve.point_recipe(recipe)
+
+
+def test_the_summary_gives_each_twin_at_its_best_and_both_at_the_same_budget(tmp_path):
+    curve = bench_module("reversal_curve")
+    points = [point("mdm", 10, forward=0.2, backward=0.1), point("mdm", 20, forward=0.5, backward=0.5),
+              point("mdm", 30, forward=0.5, backward=0.4), point("ar", 10, forward=0.9, backward=0.0),
+              point("ar", 20, forward=0.9, backward=0.0)]
+    got = curve.summary(points)
+    assert got["matched_step"] == 20  # the last step both twins have
+    assert got["best"]["poem_question"]["mdm"]["step"] == 20  # best mean of both directions
+    assert got["best"]["poem_question"]["ar"]["step"] == 10  # the earliest of equals
+    assert got["matched"]["poem_question"]["mdm"]["forward"] == 0.5
+    assert got["best"]["person_statement"] == {"mdm": None, "ar": None}
+    assert [p["step"] for p in curve.ordered(points)] == [10, 20, 30, 10, 20]
+    png = curve.plot_curve(points + [point("ar", 20, "document", backward=None)], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
