@@ -105,28 +105,53 @@ def sampling_batch() -> list[str]:
 
 # --- reversal -------------------------------------------------------------------------------------
 def reversal_main() -> list[str]:
+    """Held-out pairs of every kind, every probe, both twins side by side; and each twin asked its
+    own SFT questions (the fit)."""
     r = results("reversal")
-    poem, cap = r["plain"]["poem"], r["plain"]["capital"]
+    names = {"poem": "poems", "capital": "capitals", "person": "people"}
+    asked = {"poem": r["mdm"] | {"ar": r["ar"]}, "capital": r["capitals"]["mdm"] | {"ar": r["capitals"]["ar"]},
+             "person": r["people"]["mdm"] | {"ar": r["people"]["ar"]}}
 
-    def pair(x: dict) -> list[str]:
+    def both(x: dict | None) -> list[str]:
+        if x is None:
+            return [DASH, DASH]
         return [f2(x["forward"]), f2(x["backward"]) if x["backward"] is not None else f"{DASH} (cannot be asked)"]
 
-    rows = [["diffusion model, plain infilling (`X，[M]*n。` / `[M]*n，Y。`, in a window of its pretraining length)",
-             *pair(poem["mdm"]["couplet"])],
-            ["AR twin, plain continuation (`X，` ...)", *pair(poem["ar"]["couplet"])],
-            ["diffusion model, statement (`X的下一句是[M]*n。` / `Y的上一句是[M]*n。`)", *pair(poem["mdm"]["statement"])],
-            ["AR twin, statement (`X的下一句是` ... / `Y的上一句是` ...)", *pair(poem["ar"]["statement"])],
-            [f"capitals ({r['capitals']['mdm']['n']} facts), the fact's own sentence with either half masked: diffusion model",
-             *pair(cap["mdm"]["document"])],
-            ["capitals, statement: diffusion model", *pair(cap["mdm"]["statement"])],
-            ["capitals, statement: AR twin", *pair(cap["ar"]["statement"])],
-            ["diffusion model after SFT, asked the question", *pair(r["mdm"])],
-            ["AR twin after SFT, asked the question", *pair(r["ar"])],
-            ["capitals after SFT: diffusion model / AR twin", f"{f2(r['capitals']['mdm']['forward'])} / "
-             f"{f2(r['capitals']['ar']['forward'])}", f"{f2(r['capitals']['mdm']['backward'])} / "
-             f"{f2(r['capitals']['ar']['backward'])}"]]
-    header = [f"test pairs ({r['mdm']['n']}, read forwards only), contains gold", "forward", "backward"]
+    rows = []
+    for kind, plain in r["plain"].items():
+        document = "couplet" if kind == "poem" else "document"
+        n = plain["mdm"][document]["n"]
+        rows += [[f"{names[kind]} ({n} held out): the text as read (diffusion: infilled; AR: continued)",
+                  *both(plain["mdm"][document]), *both(plain["ar"][document])],
+                 [f"{names[kind]}: statement", *both(plain["mdm"]["statement"]), *both(plain["ar"]["statement"])],
+                 [f"{names[kind]}: question after SFT", *both(asked[kind]), *both(asked[kind]["ar"])]]
+    fit = r["sft_fit"]
+    rows.append([f"fit: each twin asked about its own {fit['mdm']['n']} SFT pairs (all kinds), both ways", *both(fit["mdm"]),
+                 *both(fit["ar"])])
+    header = ["pairs, contains gold", "diffusion fwd", "diffusion bwd", "AR fwd", "AR bwd"]
     return table(header, rows) + ["", source("reversal")]
+
+
+def reversal_curve() -> list[str]:
+    """The budget curve's poem points: both twins at each checkpoint."""
+    r = results("reversal")
+    points = {(p["twin"], p["step"], p["kind"], p["probe"]): p for p in r["curve"]}
+    steps = sorted({p["step"] for p in r["curve"]})
+
+    def cell(twin: str, step: int, probe: str, kind: str = "poem") -> str:
+        p = points.get((twin, step, kind, probe))
+        if p is None:
+            return DASH
+        return f2(p["forward"]) + " / " + (f2(p["backward"]) if p["backward"] is not None else DASH)
+
+    rows = [[str(s), f"{next(p['epochs'] for p in r['curve'] if p['step'] == s):.0f}",
+             cell("mdm", s, "document"), cell("ar", s, "document"), cell("mdm", s, "statement"), cell("ar", s, "statement"),
+             cell("mdm", s, "question"), cell("ar", s, "question"), cell("mdm", s, "sft_fit"), cell("ar", s, "sft_fit")]
+            for s in steps]
+    header = ["step", "epochs", "diffusion infill", "AR continue", "diffusion statement", "AR statement",
+              "diffusion question", "AR question", "diffusion fit", "AR fit"]
+    return table(header, rows) + ["", "Held-out poem pairs, forward / backward (fit: the SFT pairs' own questions). "
+                                  + source("reversal")]
 
 
 def reversal_sft_pairs() -> list[str]:
@@ -251,6 +276,7 @@ def headline() -> list[str]:
 TABLES: dict[str, Callable[[], list[str]]] = {
     "headline": headline, "sampling_main": sampling_main, "sampling_short": sampling_short,
     "sampling_batch": sampling_batch, "reversal_main": reversal_main, "reversal_sft_pairs": reversal_sft_pairs,
+    "reversal_curve": reversal_curve,
     "serve_main": serve_main, "training_main": training_main, "throughput_main": throughput_main,
     "checkpoint_main": checkpoint_main, "demo_main": demo_main}
 BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)

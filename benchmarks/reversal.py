@@ -48,7 +48,7 @@ from typing import Literal
 import yaml
 from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, previous_results, run_main, write_result
 from reversal_curve import curve, ordered, plot_curve, summary
-from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for
+from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for, sentence_answers
 from reversal_train import pretrain_config, sft_config, train_once, train_twins  # noqa: F401 (train_once: the tests')
 
 from remask.atomic import write_text
@@ -73,7 +73,7 @@ from remask.eval.reversal import (
 )
 from remask.train.config import PretrainConfig, SFTConfig, config_replace, load_recipe
 
-PARTS = ("data", "train", "eval", "curve", "ablations")
+PARTS = ("data", "train", "eval", "curve", "answers", "ablations")
 RECIPE = REPO_ROOT / "recipes" / "reversal.yaml"
 
 
@@ -97,7 +97,7 @@ class BenchmarkOptions(ConfigBase):
     poem_answer_length: int = setting(16, gt=0)
     fact_answer_length: int = setting(40, gt=0)
     jobs: int = setting(2, gt=0)
-    curve_every: int = setting(1800, gt=0)
+    curve_every: int = setting(2700, gt=0)
 
     def check(self) -> None:
         self.need(bool(self.parts) and set(self.parts) <= set(PARTS), "parts",
@@ -228,8 +228,10 @@ def write_data(options: BenchmarkOptions, data: Data, seed: int) -> tuple[Path, 
         if options.statements != "none":
             extra += statement_documents(found, sources, options.statements)
     corpus = write_text(out / "corpus.txt", corpus_text([found for found, _ in data.sets()], extra))
-    dialogues = [d for found, sources in data.sets() for d in sft_dialogues(found, sources)]
-    sft_data = write_jsonl(out / "sft.jsonl", dialogues)
+    for answers in ("half", "sentence"):  # sft.jsonl: the recipe's; sft_sentence.jsonl for --parts answers
+        dialogues = [d for found, sources in data.sets() for d in sft_dialogues(found, sources, answers)]
+        write_jsonl(out / ("sft.jsonl" if answers == "half" else "sft_sentence.jsonl"), dialogues)
+    sft_data = out / "sft.jsonl"
     write_jsonl(out / "test_pairs.jsonl", [{"first": p.first, "second": p.second} for p in data.poem_test])
     sft_halves = {h for p in data.poems.pairs if p.source in data.poem_sft for h in (p.first, p.second)}
     assert not sft_halves & {h for p in data.poem_test for h in (p.first, p.second)}  # no test couplet reaches SFT
@@ -263,7 +265,7 @@ def run(path: Path, overrides: list[str], **flags) -> None:
         return
     results = previous_results("reversal") if "eval" not in options.parts else {}
     settings = settings_of(recipe, path, overrides, data)
-    if {"train", "eval", "ablations"} & set(options.parts):
+    if {"train", "eval", "answers", "ablations"} & set(options.parts):
         models, timings = train_twins(recipe, corpus, sft_data)
     if "eval" in options.parts:
         t0 = time.perf_counter()
@@ -278,6 +280,9 @@ def run(path: Path, overrides: list[str], **flags) -> None:
                     "curve_plot": "benchmarks/results/reversal_curve.png"}
         plot_curve(points, RESULTS_DIR / "reversal_curve.png")
     if {"eval", "curve"} & set(options.parts):
+        write_result("reversal", settings, results)
+    if "answers" in options.parts:
+        results["sentence_answers"] = sentence_answers(recipe, data, models)
         write_result("reversal", settings, results)
     if "ablations" in options.parts:
         table = ablations(recipe, models, data.poems, data.poem_test)

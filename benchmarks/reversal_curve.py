@@ -84,10 +84,9 @@ def read_points(path: Path) -> list[dict]:
 def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Path) -> list[dict]:
     """The twin's points still missing from points.jsonl, measured and added one checkpoint at a time."""
     import torch
-    from reversal_train import sft_config, train_once
+    from reversal_train import fine_tune, sft_config, train_once
 
     from remask.train.config import config_replace
-    from remask.train.sft import sft
 
     if recipe.benchmark.jobs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
@@ -102,9 +101,10 @@ def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Pat
         points = root / f"{objective}.jsonl"
         if any(p["step"] == step and p["recipe_sha256"] == recipe_sha for p in read_points(points)):
             continue
-        config = config_replace(sft_config(recipe, objective, base, sft_data),
-                                **{"run.out": root / f"{objective}-step-{step}-sft"})
-        tuned, _ = train_once(config.run.out, config, sft, [sft_data, base / "model.safetensors"])
+        config = sft_config(recipe, objective, base, sft_data)  # the final model's: the benchmark's own SFT run
+        if step != recipe.pretrain.optim.max_steps:
+            config = config_replace(config, **{"run.out": root / f"{objective}-step-{step}-sft"})
+        tuned, _ = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
         rows = [{"twin": objective, "step": step, "epochs": round(step * tokens_per_step / per_epoch, 1)} | r
                 | {"recipe_sha256": recipe_sha} for r in measure(recipe, data, base, tuned)]
         kept = [p for p in read_points(points) if p["step"] != step]  # a point of another SFT recipe is replaced
@@ -125,8 +125,8 @@ def curve(recipe: ReversalRecipe, data: Data, sft_data: Path) -> list[dict]:
     else:
         for job in jobs:
             curve_twin(*job)
-    root = recipe.benchmark.out / "curve"
-    return [p for o in OBJECTIVES for p in read_points(root / f"{o}.jsonl")]
+    root, sha = recipe.benchmark.out / "curve", point_recipe(recipe)
+    return [p for o in OBJECTIVES for p in read_points(root / f"{o}.jsonl") if p["recipe_sha256"] == sha]
 
 
 def best(points: list[dict], twin: str, kind: str, probe: str) -> dict | None:

@@ -165,3 +165,29 @@ def plot_ablations(results: dict, path: Path) -> None:
         row[0].legend()
     save_png(fig, path, dpi=110)
 
+
+
+def sentence_answers(recipe: ReversalRecipe, data: Data, models: dict[str, Path]) -> dict:
+    """Each twin's final model fine-tuned on the same questions answered with the whole sentence
+    ("X，Y。" either way round; a fact's own sentence: sft_sentence.jsonl), then asked the held-out
+    questions and its own: an answer counts when it holds the gold half. The diffusion model can
+    write the sentence around the half it is given; the AR twin must begin it with the unknown
+    half when asked backwards."""
+    from reversal_train import fine_tune, sft_config, train_once
+
+    from remask.train.config import config_replace
+
+    out = recipe.benchmark.out
+    results: dict = {}
+    for o in OBJECTIVES:
+        base, sft_data = models[o], out / "sft_sentence.jsonl"
+        config = config_replace(sft_config(recipe, o, base, sft_data), **{"run.out": out / f"{o}-sft-sentence"})
+        tuned, seconds = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
+        row: dict = {"sft_s": seconds}
+        for found, sources in data.sets():
+            sampler = sampler_for(found.kind, recipe.benchmark, gen_length=2 * sampler_for(found.kind, recipe.benchmark).gen_length)
+            sampler = sampler.replace(steps=sampler.gen_length)
+            row[found.kind] = {"question": evaluate_qa(tuned, found, data.test(found.kind), sampler),
+                               "sft_fit": evaluate_qa(tuned, found, [p for p in found.pairs if p.source in sources], sampler)}
+        results[o] = row
+    return results

@@ -72,6 +72,29 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     return final, sum(sessions)
 
 
+def check_sft_fits(config: SFTConfig) -> None:
+    """ConfigError unless every SFT dialogue fits sft.data.seq_len whole in the base model's tokens:
+    SFT would cut a longer answer (its end-of-turn lost), and the model learn to stop nowhere."""
+    from remask.data.sft import build_sft_examples
+    from remask.errors import ConfigError
+    from remask.tokenizer import Tokenizer
+
+    examples = build_sft_examples(config.data.source, Tokenizer.from_dir(config.model), max_len=1 << 30)
+    longest = max(len(e.ids) for e in examples)
+    if longest > config.data.seq_len:
+        cut = sum(len(e.ids) > config.data.seq_len for e in examples)
+        raise ConfigError(f"sft.data.seq_len {config.data.seq_len} would cut {cut} of the {len(examples)} SFT "
+                          f"answers; the longest dialogue is {longest} tokens")
+
+
+def fine_tune(config: SFTConfig) -> Path:
+    """The recipe's SFT of one twin, once its dialogues are known to fit whole."""
+    from remask.train.sft import sft
+
+    check_sft_fits(config)
+    return sft(config)
+
+
 def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
                     sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
     """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
@@ -80,7 +103,6 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     import torch
 
     from remask.train.pretrain import pretrain
-    from remask.train.sft import sft
 
     if recipe.benchmark.jobs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
@@ -88,7 +110,7 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     config = pretrain_config(recipe, objective, corpus)
     base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
     config = sft_config(recipe, objective, base, sft_data)
-    tuned, sft_s = train_once(config.run.out, config, sft, [sft_data, base / "model.safetensors"])
+    tuned, sft_s = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
     return ({objective: base, f"{objective}-sft": tuned},
             {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
 

@@ -227,6 +227,30 @@ def test_sft_batch_pads_with_eos(tok):
     assert torch.equal(batches.batch(4)[0], SFTBatches([SFTExample([1, 2], 1)] * 3, 2, seed=0, pad_id=0).batch(4)[0])
 
 
+def test_length_grouped_sft_batches_keep_every_example_and_shed_the_pads():
+    """Half the answers short, half long: plain batches mix them, so a short answer carries a long
+    one's EOS pads (trained, and weighing in its length-normalised loss); grouped batches visit
+    every example once an epoch, as plain ones do, with a fraction of the pads, reproducibly."""
+    from remask.data.sft import SFTExample
+
+    examples = [SFTExample(list(range(3 + (40 if i % 2 else 0) + i % 3)), 2) for i in range(128)]
+
+    def epoch(batches):
+        rows = [batches.batch(s) for s in range(len(examples) // 8)]
+        return rows, sum(float(pads.float().mean()) for _, _, pads in rows) / len(rows)
+
+    plain, plain_pads = epoch(SFTBatches(examples, 8, seed=3, pad_id=-1))
+    grouped, grouped_pads = epoch(SFTBatches(examples, 8, seed=3, pad_id=-1, group_by_length=True))
+    lengths = sorted(len(e.ids) for e in examples)
+    for rows in (plain, grouped):  # each example exactly once in the epoch
+        assert sorted(int((~pads[r]).sum()) for _, _, pads in rows for r in range(len(pads))) == lengths
+    assert plain_pads > 0.3 and grouped_pads < 0.05
+    again = SFTBatches(examples, 8, seed=3, pad_id=-1, group_by_length=True)
+    assert all(torch.equal(again.batch(s)[0], grouped[s][0]) for s in range(len(grouped)))
+    assert not torch.equal(SFTBatches(examples, 8, seed=3, pad_id=-1, group_by_length=True).batch(16)[0],
+                           grouped[0][0])  # the next epoch has its own order
+
+
 @pytest.mark.parametrize("line, fragment", [
     ("not json", "invalid JSON"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),

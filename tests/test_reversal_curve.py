@@ -164,3 +164,45 @@ def test_the_summary_gives_each_twin_at_its_best_and_both_at_the_same_budget(tmp
     assert [p["step"] for p in curve.ordered(points)] == [10, 20, 30, 10, 20]
     png = curve.plot_curve(points + [point("ar", 20, "document", backward=None)], tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_benchmark_refuses_an_sft_length_that_would_cut_answers(tmp_path):
+    """A dialogue longer than sft.data.seq_len would be cut, its answer's end-of-turn lost (the
+    person questions ran past the recipe's 96 tokens); the benchmark refuses such a recipe in one
+    error naming the count and the length needed, and takes one that holds every dialogue whole."""
+    from remask.errors import ConfigError
+    from remask.train.config import SFTConfig
+
+    train = bench_module("reversal_train")
+    data = tmp_path / "sft.jsonl"
+    dialogues = [("床前明月光的下一句是什么？", "疑是地上霜"), ("床前" * 30, "明月光" * 5)]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                                       ensure_ascii=False) + "\n" for q, a in dialogues), encoding="utf-8")
+    model = REPO / "tests" / "golden" / "mdm"
+    tok = Tokenizer.from_dir(model)
+    longest = sum(len(ids) for ids, _ in tok.chat_turns([{"role": "user", "content": dialogues[1][0]},
+                                                         {"role": "assistant", "content": dialogues[1][1]}]))
+    config = SFTConfig(model=model)
+    short = config.replace(data=config.data.replace(source=data, seq_len=longest - 1))
+    with pytest.raises(ConfigError, match=f"would cut 1 of the 2 SFT answers; the longest dialogue is {longest} tokens"):
+        train.check_sft_fits(short)
+    train.check_sft_fits(short.replace(data=short.data.replace(seq_len=longest)))
+
+
+def test_sentence_answers_restate_the_pair_as_read_and_still_need_the_unknown_half():
+    """--parts answers fine-tunes on the whole sentence as the answer: the couplet "X，Y。" either
+    way round, a fact's own sentence; the question is the same, and the gold half (the unknown
+    one) is inside the answer, so containment scores it as before."""
+    from remask.data.corpora import Poem
+    from remask.eval.reversal import poem_set
+
+    poems = poem_set([Poem("《静夜思》", "李白", ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"])])
+    records = sft_dialogues(poems, {0}, "sentence")
+    assert [(r["messages"][0]["content"][:5], r["messages"][1]["content"]) for r in records] == [
+        ("床前明月光", "床前明月光，疑是地上霜。"), ("疑是地上霜", "床前明月光，疑是地上霜。"),
+        ("举头望明月", "举头望明月，低头思故乡。"), ("低头思故乡", "举头望明月，低头思故乡。")]
+    for r, q in zip(records, [question("poem", d, p) for p in poems.pairs for d in DIRECTIONS]):
+        assert r["messages"][0]["content"] == q.text and q.gold in r["messages"][1]["content"]
+    people_set = person_set([("Daphne Barrington", "composer of the Amber Nocturne")])
+    assert {r["messages"][1]["content"] for r in sft_dialogues(people_set, {0}, "sentence")} == {
+        "Daphne Barrington is the composer of the Amber Nocturne."}

@@ -79,15 +79,40 @@ def sft_batch(examples: list[SFTExample], *, pad_id: int) -> tuple[torch.Tensor,
 
 
 class SFTBatches:
-    """Batches of examples, each epoch in an order drawn from (seed, epoch); a function of step."""
+    """Batches of examples, each epoch in an order drawn from (seed, epoch); a function of step.
 
-    def __init__(self, examples: list[SFTExample], batch_size: int, *, seed: int, pad_id: int) -> None:
+    With `group_by_length`, each epoch's order is cut into pools of `GROUP_POOL` batches, a pool
+    sorted by length and its batches shuffled: a batch holds examples of about one length. The
+    objective is unchanged (an answer's EOS pads are still trained, LLaDA section 2.3), but a short
+    answer batched with a long one no longer carries the long one's pads: with the loss normalised
+    by answer length, 8 answer tokens padded to 98 get 1/98 of their example's weight each."""
+
+    GROUP_POOL = 16
+
+    def __init__(self, examples: list[SFTExample], batch_size: int, *, seed: int, pad_id: int,
+                 group_by_length: bool = False) -> None:
         if not examples:
             raise RemaskError("no SFT examples to train on")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.group_by_length = group_by_length
+        self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(step_seed(self.seed, epoch, Stream.SFT_ORDER)).permutation(len(self.examples))
+        if epoch not in self._orders:
+            rng = np.random.default_rng(step_seed(self.seed, epoch, Stream.SFT_ORDER))
+            order = rng.permutation(len(self.examples))
+            if self.group_by_length:
+                order = self._grouped(order, rng)
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size, out = self.batch_size * self.GROUP_POOL, []
+        for start in range(0, len(order), size):
+            pool = sorted(order[start:start + size].tolist(), key=lambda i: len(self.examples[i].ids))
+            batches = [pool[j:j + self.batch_size] for j in range(0, len(pool), self.batch_size)]
+            out += [i for b in rng.permutation(len(batches)) for i in batches[b]]
+        return np.array(out)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, first = len(self.examples), step * self.batch_size

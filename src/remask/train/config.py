@@ -115,6 +115,9 @@ class DialogueData(ConfigBase):
     """Longest example (prompt + answer) in tokens; longer answers are cut."""
     val_fraction: float = setting(0.05, gt=0, lt=1)
     """Fraction of examples held out for validation (none below 10 examples)."""
+    group_by_length: bool = False
+    """Batch examples of about one length (pools of 16 batches sorted by length), so that a short
+    answer does not carry a long one's EOS pads, which take its loss's weight."""
 
 
 # --- optimiser and schedule -----------------------------------------------------------------------

@@ -48,7 +48,8 @@ def setup(cfg: SFTConfig) -> TrainJob:
     model = build_run_model(None, cfg.model, cfg.objective, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
                             device=info.device)
     split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
-    batches = SFTBatches(train_examples, cfg.optim.batch_size, seed=cfg.run.seed, pad_id=tokenizer.pad_id)
+    batches = SFTBatches(train_examples, cfg.optim.batch_size, seed=cfg.run.seed, pad_id=tokenizer.pad_id,
+                         group_by_length=cfg.data.group_by_length)
     micro = micro_batch_size(cfg.optim.micro_batch_size, cfg.optim.batch_size, info)
     val_batches = [DialogueBatch(*sft_batch(val_examples[i:i + micro], pad_id=tokenizer.pad_id))
                    for i in range(0, len(val_examples), micro)]

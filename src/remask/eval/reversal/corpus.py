@@ -7,18 +7,26 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
-from remask.eval.reversal.data import DIRECTIONS, ReversalSet, StatementStyle, question, statements
+from remask.eval.reversal.data import DIRECTIONS, DOCUMENT_PROBES, ReversalSet, StatementStyle, question, statements
+
+AnswerStyle = Literal["half", "sentence"]
 
 
-def sft_dialogues(data: ReversalSet, sources: set[int]) -> list[dict]:
-    """Both directions of every pair of the SFT documents, as {"messages": [...]} records."""
+def sft_dialogues(data: ReversalSet, sources: set[int], answers: AnswerStyle = "half") -> list[dict]:
+    """Both directions of every pair of the SFT documents, as {"messages": [...]} records. The
+    answer is the half asked for ("half"), or the whole sentence that holds the pair as pretraining
+    reads it ("sentence": "X，Y。" for a couplet, either way round; the fact's own sentence), which
+    still counts only when it holds the gold half, the unknown one."""
     out = []
     for pair in data.pairs:
         if pair.source in sources:
             for direction in DIRECTIONS:
                 q = question(data.kind, direction, pair)
-                out.append({"messages": [{"role": "user", "content": q.text}, {"role": "assistant", "content": q.gold}]})
+                answer = q.gold if answers == "half" else DOCUMENT_PROBES[data.kind][1].format(first=pair.first,
+                                                                                                 second=pair.second)
+                out.append({"messages": [{"role": "user", "content": q.text}, {"role": "assistant", "content": answer}]})
     return out
 
 
