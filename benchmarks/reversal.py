@@ -49,7 +49,7 @@ import yaml
 from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, previous_results, run_main, write_result
 from reversal_curve import curve, ordered, plot_curve, summary
 from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for, sentence_answers
-from reversal_train import pretrain_config, sft_config, train_once, train_twins  # noqa: F401 (train_once: the tests')
+from reversal_train import metrics_seconds, pretrain_config, sft_config, train_once, train_twins  # noqa: F401 (train_once: the tests')
 
 from remask.atomic import write_text
 from remask.config import ConfigBase, setting
@@ -276,7 +276,10 @@ def run(path: Path, overrides: list[str], **flags) -> None:
         results["models"] = {k: str(v) for k, v in models.items()}
     if "curve" in options.parts:  # the checkpoints there are now (pretraining may still be running)
         points = curve(recipe, data, sft_data)
-        results |= {"curve": ordered(points), "curve_summary": summary(points),
+        budget = {"max_steps": recipe.pretrain.optim.max_steps, "curve_every": options.curve_every,
+                  "sft_steps": recipe.sft.optim.max_steps,
+                  "pretrain_s": {o: metrics_seconds(options.out / o) for o in ("mdm", "ar")}}
+        results |= {"curve": ordered(points), "curve_summary": summary(points) | {"budget": budget},
                     "curve_plot": "benchmarks/results/reversal_curve.png"}
         plot_curve(points, RESULTS_DIR / "reversal_curve.png")
     if {"eval", "curve"} & set(options.parts):

@@ -105,6 +105,9 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     from remask.train.pretrain import pretrain
 
     if recipe.benchmark.jobs > 1:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated worker still records its seconds
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
         recipe = config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
     config = pretrain_config(recipe, objective, corpus)
@@ -113,6 +116,21 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     tuned, sft_s = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
     return ({objective: base, f"{objective}-sft": tuned},
             {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
+
+
+def metrics_seconds(run: Path) -> float | None:
+    """Seconds of training a run's metrics.jsonl accounts for (each logged interval's tokens over
+    its tokens/s), however many sessions it took; None without metrics."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds, last = 0.0, 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "tokens_per_s" in row and row["tokens_per_s"] and row["tokens"] > last:
+            seconds += (row["tokens"] - last) / row["tokens_per_s"]
+            last = row["tokens"]
+    return seconds
 
 
 def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
