@@ -254,9 +254,11 @@ def headline() -> list[str]:
     short_ref, short_best = sampling_row("memorised_short", "reference"), sampling_row("memorised_short", "dual_threshold_0.9")
     ar_short = sampling_row("memorised_short", "ar_kv_cache")
     demo = results("demo")["summary"]
-    rows = [["[reversal curse](docs/reversal.md): test couplets, forward / backward",
+    rows = [["[reversal curse](docs/reversal.md): held-out couplets, forward / backward",
              f"diffusion model infilling {f2(poem['mdm']['couplet']['forward'])} / {f2(poem['mdm']['couplet']['backward'])}; "
-             f"AR twin's statement {f2(poem['ar']['statement']['forward'])} / {f2(poem['ar']['statement']['backward'])}"],
+             f"AR twin's statement {f2(poem['ar']['statement']['forward'])} / {f2(poem['ar']['statement']['backward'])}; "
+             f"asked the question after SFT (the paper's protocol): diffusion {f2(rev['mdm']['forward'])} / "
+             f"{f2(rev['mdm']['backward'])}, AR {f2(rev['ar']['forward'])} / {f2(rev['ar']['backward'])}"],
             ["[fast sampling](docs/sampling.md): memorised_short, dual cache + threshold 0.9",
              f"{short_best['speedup_vs_naive']:.1f}x the reference at accuracy {short_best['accuracy']:.3f} "
              f"(reference {short_ref['accuracy']:.3f}; AR twin {ar_short['accuracy']:.3f} at {ar_short['tokens_per_s']:.0f} tok/s)"],

@@ -98,6 +98,7 @@ class BenchmarkOptions(ConfigBase):
     fact_answer_length: int = setting(40, gt=0)
     jobs: int = setting(2, gt=0)
     curve_every: int = setting(2700, gt=0)
+    curve_sft_steps: int = setting(400, gt=0)
 
     def check(self) -> None:
         self.need(bool(self.parts) and set(self.parts) <= set(PARTS), "parts",

@@ -66,13 +66,23 @@ def measure(recipe: ReversalRecipe, data: Data, base: Path, tuned: Path) -> list
     return rows
 
 
+def curve_sft(recipe: ReversalRecipe) -> ReversalRecipe:
+    """The recipe with the curve's SFT: the recipe's, `curve_sft_steps` long (a checkpoint half way),
+    shorter than the final model's so that a point stays affordable."""
+    from remask.train.config import config_replace
+
+    steps = recipe.benchmark.curve_sft_steps
+    return config_replace(recipe, **{"sft.optim.max_steps": steps, "sft.run.save_every": max(1, steps // 2)})
+
+
 def point_recipe(recipe: ReversalRecipe) -> str:
-    """SHA-256 of what a point depends on beside its checkpoint: the SFT recipe and the probes'
-    settings (a point measured under other settings is measured again)."""
+    """SHA-256 of what a point depends on beside its checkpoint: the curve's SFT recipe and the
+    probes' settings (a point measured under other settings is measured again; progress bars aside)."""
     import hashlib
 
-    options = recipe.benchmark
-    what = {"sft": recipe.sft.to_dict(), "window": recipe.probe_window, "statements": options.statements,
+    options, sft = recipe.benchmark, curve_sft(recipe).sft.to_dict()
+    sft["run"]["progress"] = False  # as the workers run it
+    what = {"sft": sft, "window": recipe.probe_window, "statements": options.statements,
             "answer_lengths": [options.poem_answer_length, options.fact_answer_length]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -101,9 +111,8 @@ def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Pat
         points = root / f"{objective}.jsonl"
         if any(p["step"] == step and p["recipe_sha256"] == recipe_sha for p in read_points(points)):
             continue
-        config = sft_config(recipe, objective, base, sft_data)  # the final model's: the benchmark's own SFT run
-        if step != recipe.pretrain.optim.max_steps:
-            config = config_replace(config, **{"run.out": root / f"{objective}-step-{step}-sft"})
+        config = config_replace(sft_config(curve_sft(recipe), objective, base, sft_data),
+                                **{"run.out": root / f"{objective}-step-{step}-sft"})
         tuned, _ = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
         rows = [{"twin": objective, "step": step, "epochs": round(step * tokens_per_step / per_epoch, 1)} | r
                 | {"recipe_sha256": recipe_sha} for r in measure(recipe, data, base, tuned)]

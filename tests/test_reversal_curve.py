@@ -144,10 +144,17 @@ def test_curve_points_come_from_the_kept_checkpoints_and_the_final_model(tmp_pat
     assert curve.checkpoints(recipe, "mdm") == [(20, tmp_path / "mdm" / "checkpoints" / "step-20"),
                                                 (40, tmp_path / "mdm" / "final")]
     assert curve.checkpoints(recipe, "ar") == []
-    other = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "sft.optim.max_steps=9"])
+    other = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "sft.optim.lr=0.0001"])
     assert curve.point_recipe(other) != curve.point_recipe(recipe)  # another SFT recipe: the points are measured again
-    again = bench.load(REPO / "recipes" / "reversal.yaml", ["pretrain.optim.max_steps=40", "benchmark.curve_every=20"])
-    assert curve.point_recipe(again) == curve.point_recipe(recipe)
+    again = bench.load(REPO / "recipes" / "reversal.yaml", ["pretrain.optim.max_steps=40", "benchmark.curve_every=20",
+                                                            "sft.run.progress=false", "sft.optim.max_steps=3000"])
+    assert curve.point_recipe(again) == curve.point_recipe(recipe)  # progress bars and the final models' SFT length aside
+    shorter = curve.curve_sft(recipe)  # the curve's SFT: the recipe's, curve_sft_steps long
+    assert (shorter.sft.optim.max_steps, shorter.sft.run.save_every) == (recipe.benchmark.curve_sft_steps,
+                                                                         recipe.benchmark.curve_sft_steps // 2)
+    assert shorter.sft.optim.lr == recipe.sft.optim.lr and recipe.sft.optim.max_steps > shorter.sft.optim.max_steps
+    changed = bench.load(REPO / "recipes" / "reversal.yaml", ["benchmark.curve_sft_steps=10"])
+    assert curve.point_recipe(changed) != curve.point_recipe(recipe)
 
 
 def test_the_summary_gives_each_twin_at_its_best_and_both_at_the_same_budget(tmp_path):
@@ -206,3 +213,14 @@ def test_sentence_answers_restate_the_pair_as_read_and_still_need_the_unknown_ha
     people_set = person_set([("Daphne Barrington", "composer of the Amber Nocturne")])
     assert {r["messages"][1]["content"] for r in sft_dialogues(people_set, {0}, "sentence")} == {
         "Daphne Barrington is the composer of the Amber Nocturne."}
+
+
+def test_training_seconds_add_up_over_sessions_from_the_metrics(tmp_path):
+    """A run resumed after a kill re-logs the steps after its checkpoint; each token interval counts once."""
+    train = bench_module("reversal_train")
+    rows = [{"step": 50, "tokens": 100, "tokens_per_s": 10.0}, {"step": 100, "tokens": 200, "tokens_per_s": 20.0},
+            {"step": 100, "tokens": 200, "tokens_per_s": 5.0},  # logged again by the resumed session
+            {"step": 150, "tokens": 300, "tokens_per_s": 50.0, "val_loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train.metrics_seconds(tmp_path) == pytest.approx(10 + 5 + 2)
+    assert train.metrics_seconds(tmp_path / "nowhere") is None
