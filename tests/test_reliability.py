@@ -301,6 +301,32 @@ def torch_is_loading(pid: int) -> bool:
         return False
 
 
+def test_an_import_broken_by_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    """A Ctrl-C inside a C extension's import leaves it half-loaded; the import that is retried then
+    raises ImportError ("cannot load module more than once per process": numpy under torch, seen
+    under load as exit 1 and a traceback). After a Ctrl-C that is the interrupt: 130, one line.
+    Without one, an ImportError stays an internal failure."""
+    from remask.app import cli
+
+    def broken_import(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ImportError("cannot load module more than once per process") from None
+
+    monkeypatch.setattr(cli, "run", broken_import)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+    def plain_failure(argv):
+        raise ImportError("no module named nowhere")
+
+    monkeypatch.setattr(cli, "run", plain_failure)
+    with pytest.raises(ImportError, match="nowhere"):
+        cli.main(["info"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("offset", [0.0, 0.2, 0.5, 1.0])
 def test_ctrl_c_during_start_up_imports(model_dir, offset):

@@ -511,7 +511,8 @@ def test_the_benchmark_builds_its_data_and_a_bad_holdout_is_one_error_line(tmp_p
     write_pairs(holdout, [(data.pairs[5].first, data.pairs[5].second)])
     done = benchmark("--parts", "data", "--holdout", str(holdout), "--out", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.txt", "sft.jsonl", "test_pairs.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.txt", "sft.jsonl", "sft_sentence.jsonl",
+                                                                    "test_pairs.jsonl"]
     assert (tmp_path / "out" / "test_pairs.jsonl").read_text(encoding="utf-8") == holdout.read_text(encoding="utf-8")
     assert data.pairs[5].first not in (tmp_path / "out" / "sft.jsonl").read_text(encoding="utf-8")
 

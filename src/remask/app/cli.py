@@ -168,8 +168,24 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's own Ctrl-C handler (raise KeyboardInterrupt), remembering that it came."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _interrupted
     argv = sys.argv[1:] if argv is None else list(argv)
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        _interrupted = False
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return run(argv)
     except SystemExit as e:  # --help
@@ -177,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # An interrupt inside a C extension's import can leave the module half-loaded, and the
+        # import that the caller retries then fails with ImportError ("cannot load module more
+        # than once per process", numpy under torch): after a Ctrl-C that is the interrupt too.
+        if _interrupted:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        raise
     except BrokenPipeError:  # the reader (e.g. `| head`) went away: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
