@@ -99,21 +99,24 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
                     sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
     """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
     import os
+    import signal
 
     import torch
 
     from remask.train.pretrain import pretrain
 
+    before = signal.getsignal(signal.SIGTERM)
     if recipe.benchmark.jobs > 1:
-        import signal
-
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated worker still records its seconds
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
         recipe = config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
-    config = pretrain_config(recipe, objective, corpus)
-    base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
-    config = sft_config(recipe, objective, base, sft_data)
-    tuned, sft_s = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
+    try:
+        config = pretrain_config(recipe, objective, corpus)
+        base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
+        config = sft_config(recipe, objective, base, sft_data)
+        tuned, sft_s = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
+    finally:  # the pool terminates its idle workers when it closes: nothing to record then
+        signal.signal(signal.SIGTERM, before)
     return ({objective: base, f"{objective}-sft": tuned},
             {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
 
