@@ -244,7 +244,8 @@ def write_data(options: BenchmarkOptions, data: Data, seed: int) -> tuple[Path, 
 
 def settings_of(recipe: ReversalRecipe, path: Path, overrides: list[str], data: Data) -> dict:
     """What reversal.json records of the run's settings."""
-    return {"recipe": str(path), "overrides": list(overrides), "benchmark": recipe.benchmark.to_dict(),
+    shown = path.resolve().relative_to(REPO_ROOT) if path.resolve().is_relative_to(REPO_ROOT) else path  # no machine paths
+    return {"recipe": str(shown), "overrides": list(overrides), "benchmark": recipe.benchmark.to_dict(),
             "probe_window": recipe.probe_window, "poem_stats": data.poems.stats, "poem_file_stats": data.file_stats,
             "fact_stats": data.facts.stats,
             "pretrain_recipe": pretrain_config(recipe, "mdm", recipe.benchmark.out / "corpus.txt").to_dict(),
