@@ -166,6 +166,11 @@ class Data:
     def set(self, kind: str) -> ReversalSet:
         return {"poem": self.poems, "capital": self.facts, "person": self.people}[kind]
 
+    def sft_pairs(self, kind: str) -> list[Pair]:
+        """The pairs SFT asks about, of one kind."""
+        found, sources = {s.kind: (s, src) for s, src in self.sets()}[kind]
+        return [p for p in found.pairs if p.source in sources]
+
     def test(self, kind: str) -> list[Pair]:
         return {"poem": self.poem_test, "capital": self.fact_test, "person": self.person_test}[kind]
 

@@ -9,7 +9,6 @@ interruption, or while pretraining goes on) does only the points still missing."
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from reversal_eval import OBJECTIVES, evaluate_plain, evaluate_qa, sampler_for
 
 from remask.atomic import write_text
-from remask.eval.reversal import KINDS, Pair
+from remask.eval.reversal import KINDS
 
 if TYPE_CHECKING:
     from reversal import Data, ReversalRecipe
@@ -45,11 +44,6 @@ def checkpoints(recipe: ReversalRecipe, objective: str) -> list[tuple[int, Path]
     return found
 
 
-def sft_pairs(data: Data, kind: str) -> list[Pair]:
-    found, sources = {s.kind: (s, src) for s, src in data.sets()}[kind]
-    return [p for p in found.pairs if p.source in sources]
-
-
 def measure(recipe: ReversalRecipe, data: Data, base: Path, tuned: Path) -> list[dict]:
     """Every probe of every kind on one (base, fine-tuned) pair of a twin: the held-out pairs'
     document, statement and question, and the fit, the question on every pair SFT asked about."""
@@ -60,7 +54,7 @@ def measure(recipe: ReversalRecipe, data: Data, base: Path, tuned: Path) -> list
         plain = evaluate_plain(base, kind, test, sampler, style, recipe.probe_window)
         found = {"document": plain["couplet" if kind == "poem" else "document"], "statement": plain["statement"],
                  "question": evaluate_qa(tuned, data.set(kind), test, sampler),
-                 "sft_fit": evaluate_qa(tuned, data.set(kind), sft_pairs(data, kind), sampler)}
+                 "sft_fit": evaluate_qa(tuned, data.set(kind), data.sft_pairs(kind), sampler)}
         rows += [{"kind": kind, "probe": probe, "forward": r["forward"], "backward": r["backward"], "n": r["n"]}
                  for probe, r in found.items()]
     return rows
@@ -93,14 +87,11 @@ def read_points(path: Path) -> list[dict]:
 
 def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Path) -> list[dict]:
     """The twin's points still missing from points.jsonl, measured and added one checkpoint at a time."""
-    import torch
-    from reversal_train import fine_tune, sft_config, train_once
+    from reversal_train import fine_tune, sft_config, train_once, worker_recipe
 
     from remask.train.config import config_replace
 
-    if recipe.benchmark.jobs > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
-        recipe = config_replace(recipe, **{"sft.run.progress": False})
+    recipe = worker_recipe(recipe)
     root = recipe.benchmark.out / "curve"
     found = checkpoints(recipe, objective)
     recipe_sha = point_recipe(recipe)

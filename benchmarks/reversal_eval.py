@@ -79,7 +79,7 @@ def evaluate_all(recipe: ReversalRecipe, data: Data, models: dict[str, Path]) ->
     results["plain"] = plain
     # the same measures on pairs of the SFT poems, which pretraining states both ways and SFT asks
     # about: what each model does with pairs it has read backwards, beside the test pairs it has not
-    sft_pairs = [p for p in data.poems.pairs if p.source in data.poem_sft]
+    sft_pairs = data.sft_pairs("poem")
     seen = random.Random(recipe.pretrain.run.seed).sample(sft_pairs, min(len(data.poem_test), len(sft_pairs)))
     results["sft_pairs"] = {"qa": {o: evaluate_qa(models[f"{o}-sft"], data.poems, seen, poem) for o in OBJECTIVES},
                             "plain": {o: evaluate_plain(models[o], "poem", seen, poem, style, window)
@@ -95,9 +95,8 @@ def sft_fit(model_dir: Path, data: Data, options: BenchmarkOptions) -> dict:
     """The SFT'd twin asked every question it was fine-tuned on (both directions of every pair of
     the SFT documents, all kinds): pooled accuracy, and each kind's."""
     by_kind = {}
-    for found, sources in data.sets():
-        pairs = [p for p in found.pairs if p.source in sources]
-        by_kind[found.kind] = evaluate_qa(model_dir, found, pairs, sampler_for(found.kind, options))
+    for found, _ in data.sets():
+        by_kind[found.kind] = evaluate_qa(model_dir, found, data.sft_pairs(found.kind), sampler_for(found.kind, options))
     out: dict = {"n": sum(r["n"] for r in by_kind.values())}
     for direction in DIRECTIONS:
         out[direction] = sum(r[direction] * r["n"] for r in by_kind.values()) / out["n"]
@@ -184,10 +183,10 @@ def sentence_answers(recipe: ReversalRecipe, data: Data, models: dict[str, Path]
         config = config_replace(sft_config(recipe, o, base, sft_data), **{"run.out": out / f"{o}-sft-sentence"})
         tuned, seconds = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
         row: dict = {"sft_s": seconds}
-        for found, sources in data.sets():
+        for found, _ in data.sets():
             sampler = sampler_for(found.kind, recipe.benchmark, gen_length=2 * sampler_for(found.kind, recipe.benchmark).gen_length)
             sampler = sampler.replace(steps=sampler.gen_length)
             row[found.kind] = {"question": evaluate_qa(tuned, found, data.test(found.kind), sampler),
-                               "sft_fit": evaluate_qa(tuned, found, [p for p in found.pairs if p.source in sources], sampler)}
+                               "sft_fit": evaluate_qa(tuned, found, data.sft_pairs(found.kind), sampler)}
         results[o] = row
     return results

@@ -95,21 +95,29 @@ def fine_tune(config: SFTConfig) -> Path:
     return sft(config)
 
 
+def worker_recipe(recipe: ReversalRecipe) -> ReversalRecipe:
+    """The recipe as one of `jobs` side-by-side workers runs it: its share of the cores, no progress bars."""
+    import os
+
+    import torch
+
+    if recipe.benchmark.jobs == 1:
+        return recipe
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
+    return config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
+
+
 def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
                     sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
     """Pretrain, then fine-tune, one of the twins (with a share of the cores when run beside the other)."""
-    import os
     import signal
-
-    import torch
 
     from remask.train.pretrain import pretrain
 
     before = signal.getsignal(signal.SIGTERM)
     if recipe.benchmark.jobs > 1:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated worker still records its seconds
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.benchmark.jobs))
-        recipe = config_replace(recipe, **{"pretrain.run.progress": False, "sft.run.progress": False})
+    recipe = worker_recipe(recipe)
     try:
         config = pretrain_config(recipe, objective, corpus)
         base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
