@@ -132,26 +132,39 @@ def reversal_main() -> list[str]:
     return table(header, rows) + ["", source("reversal")]
 
 
-def reversal_curve() -> list[str]:
-    """The budget curve's poem points: both twins at each checkpoint."""
-    r = results("reversal")
-    points = {(p["twin"], p["step"], p["kind"], p["probe"]): p for p in r["curve"]}
-    steps = sorted({p["step"] for p in r["curve"]})
+def curve_rows(columns: list[tuple[str, str, str]]) -> list[list[str]]:
+    """One row per step of the budget curve: step, epochs, then (twin, kind, probe) per column as
+    forward / backward (a dash where the twin has no point at that step, or no backward probe)."""
+    curve = results("reversal")["curve"]
+    points = {(p["twin"], p["kind"], p["probe"], p["step"]): p for p in curve}
 
-    def cell(twin: str, step: int, probe: str, kind: str = "poem") -> str:
-        p = points.get((twin, step, kind, probe))
+    def cell(key: tuple) -> str:
+        p = points.get(key)
         if p is None:
             return DASH
         return f2(p["forward"]) + " / " + (f2(p["backward"]) if p["backward"] is not None else DASH)
 
-    rows = [[str(s), f"{next(p['epochs'] for p in r['curve'] if p['step'] == s):.0f}",
-             cell("mdm", s, "document"), cell("ar", s, "document"), cell("mdm", s, "statement"), cell("ar", s, "statement"),
-             cell("mdm", s, "question"), cell("ar", s, "question"), cell("mdm", s, "sft_fit"), cell("ar", s, "sft_fit")]
-            for s in steps]
+    return [[str(s), f"{next(p['epochs'] for p in curve if p['step'] == s):.0f}", *(cell((*c, s)) for c in columns)]
+            for s in sorted({p["step"] for p in curve})]
+
+
+def reversal_curve() -> list[str]:
+    """The budget curve's poem points: both twins at each checkpoint."""
+    probes = ("document", "statement", "question", "sft_fit")
+    rows = curve_rows([(twin, "poem", probe) for probe in probes for twin in ("mdm", "ar")])
     header = ["step", "epochs", "diffusion infill", "AR continue", "diffusion statement", "AR statement",
               "diffusion question", "AR question", "diffusion fit", "AR fit"]
     return table(header, rows) + ["", "Held-out poem pairs, forward / backward (fit: the SFT pairs' own questions). "
                                   + source("reversal")]
+
+
+def reversal_curve_facts() -> list[str]:
+    """The budget curve's fact points: each twin's text as read and statement, capitals and people."""
+    columns = [(twin, kind, probe) for kind in ("capital", "person") for twin, probe in
+               (("mdm", "document"), ("ar", "document"), ("mdm", "statement"), ("ar", "statement"))]
+    header = ["step", "epochs"] + [f"{k}: {w}" for k in ("capitals", "people") for w in (
+        "diffusion infill", "AR continue", "diffusion statement", "AR statement")]
+    return table(header, curve_rows(columns)) + ["", "Held-out facts, forward / backward. " + source("reversal")]
 
 
 def reversal_sft_pairs() -> list[str]:
@@ -278,7 +291,7 @@ def headline() -> list[str]:
 TABLES: dict[str, Callable[[], list[str]]] = {
     "headline": headline, "sampling_main": sampling_main, "sampling_short": sampling_short,
     "sampling_batch": sampling_batch, "reversal_main": reversal_main, "reversal_sft_pairs": reversal_sft_pairs,
-    "reversal_curve": reversal_curve,
+    "reversal_curve": reversal_curve, "reversal_curve_facts": reversal_curve_facts,
     "serve_main": serve_main, "training_main": training_main, "throughput_main": throughput_main,
     "checkpoint_main": checkpoint_main, "demo_main": demo_main}
 BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)

@@ -49,7 +49,14 @@ import yaml
 from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, previous_results, run_main, write_result
 from reversal_curve import curve, ordered, plot_curve, summary
 from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for, sentence_answers
-from reversal_train import metrics_seconds, pretrain_config, sft_config, train_once, train_twins  # noqa: F401 (train_once: the tests')
+from reversal_train import (  # noqa: F401 (train_once: the tests')
+    metrics_seconds,
+    pretrain_config,
+    sft_config,
+    train_once,
+    train_twins,
+    twin_steps,
+)
 
 from remask.atomic import write_text
 from remask.config import ConfigBase, setting
@@ -99,6 +106,8 @@ class BenchmarkOptions(ConfigBase):
     jobs: int = setting(2, gt=0)
     curve_every: int = setting(2700, gt=0)
     curve_sft_steps: int = setting(400, gt=0)
+    mdm_steps_factor: float = setting(1.0, gt=0)
+    ar_steps_factor: float = setting(1.0, gt=0)
 
     def check(self) -> None:
         self.need(bool(self.parts) and set(self.parts) <= set(PARTS), "parts",
@@ -283,7 +292,7 @@ def run(path: Path, overrides: list[str], **flags) -> None:
         results["models"] = {k: str(v) for k, v in models.items()}
     if "curve" in options.parts:  # the checkpoints there are now (pretraining may still be running)
         points = curve(recipe, data, sft_data)
-        budget = {"max_steps": recipe.pretrain.optim.max_steps, "curve_every": options.curve_every,
+        budget = {"max_steps": {o: twin_steps(recipe, o) for o in ("mdm", "ar")}, "curve_every": options.curve_every,
                   "sft_steps": recipe.sft.optim.max_steps,
                   "pretrain_s": {o: metrics_seconds(options.out / o) for o in ("mdm", "ar")}}
         results |= {"curve": ordered(points), "curve_summary": summary(points) | {"budget": budget},

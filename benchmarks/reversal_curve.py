@@ -3,8 +3,9 @@ checkpoint of each twin's one long pretraining run is fine-tuned with the recipe
 with every probe, so held-out accuracy can be read against the pretraining budget in epochs.
 
 Each point (twin, step) is fine-tuned and tested once: its SFT run lies under OUT/curve/, its
-scores are added to OUT/curve/points.jsonl as soon as they are known, and a later run (after an
-interruption, or while pretraining goes on) does only the points still missing."""
+scores (with the SHA-256 of the checkpoint's weights) are added to OUT/curve/TWIN.jsonl as soon as
+they are known, and a later run (after an interruption, while pretraining goes on, or once a run
+has been lengthened) does only the points still missing."""
 
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ def corpus_tokens(recipe: ReversalRecipe, model_dir: Path) -> int:
 def checkpoints(recipe: ReversalRecipe, objective: str) -> list[tuple[int, Path]]:
     """(step, model directory) of the kept checkpoints of the twin's pretraining run at multiples
     of `curve_every` steps, and the final model last (at the recipe's last step) once it exists."""
+    from reversal_train import twin_steps
+
     from remask.train.checkpointing import step_dirs
 
-    run, every = recipe.benchmark.out / objective, recipe.benchmark.curve_every
-    found = [(step, path) for step, path in step_dirs(run) if step < recipe.pretrain.optim.max_steps and step % every == 0]
+    run, every, last = recipe.benchmark.out / objective, recipe.benchmark.curve_every, twin_steps(recipe, objective)
+    found = [(step, path) for step, path in step_dirs(run) if step < last and step % every == 0]
     if (run / "final").is_dir():
-        found.append((recipe.pretrain.optim.max_steps, run / "final"))
+        found.append((last, run / "final"))
     return found
 
 
@@ -86,7 +89,7 @@ def read_points(path: Path) -> list[dict]:
 
 
 def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Path) -> list[dict]:
-    """The twin's points still missing from points.jsonl, measured and added one checkpoint at a time."""
+    """The twin's points still missing from TWIN.jsonl, measured and added one checkpoint at a time."""
     from reversal_train import fine_tune, sft_config, train_once, worker_recipe
 
     from remask.train.config import config_replace
@@ -99,14 +102,15 @@ def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Pat
     tokens_per_step = recipe.pretrain.optim.batch_size * recipe.pretrain.data.seq_len
     added = []
     for step, base in found:
-        points = root / f"{objective}.jsonl"
-        if any(p["step"] == step and p["recipe_sha256"] == recipe_sha for p in read_points(points)):
+        points, base_sha = root / f"{objective}.jsonl", weights_sha(base)
+        if any((p["step"], p["recipe_sha256"], p.get("base_sha256")) == (step, recipe_sha, base_sha)
+               for p in read_points(points)):
             continue
         config = config_replace(sft_config(curve_sft(recipe), objective, base, sft_data),
                                 **{"run.out": root / f"{objective}-step-{step}-sft"})
         tuned, _ = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
         rows = [{"twin": objective, "step": step, "epochs": round(step * tokens_per_step / per_epoch, 1)} | r
-                | {"recipe_sha256": recipe_sha} for r in measure(recipe, data, base, tuned)]
+                | {"recipe_sha256": recipe_sha, "base_sha256": base_sha} for r in measure(recipe, data, base, tuned)]
         kept = [p for p in read_points(points) if p["step"] != step]  # a point of another SFT recipe is replaced
         write_text(points, "".join(json.dumps(r) + "\n" for r in kept + rows))
         print(f"curve: {objective} step {step} done", file=sys.stderr)
@@ -125,8 +129,25 @@ def curve(recipe: ReversalRecipe, data: Data, sft_data: Path) -> list[dict]:
     else:
         for job in jobs:
             curve_twin(*job)
-    root, sha = recipe.benchmark.out / "curve", point_recipe(recipe)
-    return [p for o in OBJECTIVES for p in read_points(root / f"{o}.jsonl") if p["recipe_sha256"] == sha]
+    return current_points(recipe)
+
+
+def current_points(recipe: ReversalRecipe) -> list[dict]:
+    """The points measured under the recipe's settings from the checkpoints there are now (a point
+    of a checkpoint since replaced, as when a run is lengthened past its old decay, is left out)."""
+    root, sha, out = recipe.benchmark.out / "curve", point_recipe(recipe), []
+    for objective in OBJECTIVES:
+        now = {step: weights_sha(base) for step, base in checkpoints(recipe, objective)}
+        out += [p for p in read_points(root / f"{objective}.jsonl")
+                if p["recipe_sha256"] == sha and now.get(p["step"]) == p.get("base_sha256")]
+    return out
+
+
+def weights_sha(model_dir: Path) -> str:
+    """SHA-256 of a model directory's weights: what a point was measured on."""
+    import hashlib
+
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
 def best(points: list[dict], twin: str, kind: str, probe: str) -> dict | None:

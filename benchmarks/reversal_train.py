@@ -20,9 +20,16 @@ if TYPE_CHECKING:
     from reversal import ReversalRecipe
 
 
+def twin_steps(recipe: ReversalRecipe, objective: str) -> int:
+    """The twin's pretraining length: pretrain.optim.max_steps times benchmark.mdm_steps_factor /
+    ar_steps_factor (a twin still improving runs on; a smoke run's short max_steps stays short)."""
+    return max(1, round(recipe.pretrain.optim.max_steps * getattr(recipe.benchmark, f"{objective}_steps_factor")))
+
+
 def pretrain_config(recipe: ReversalRecipe, objective: str, corpus: Path) -> PretrainConfig:
     return config_replace(recipe.pretrain, **{"objective": objective, "data.source": str(corpus),
-                                              "run.out": recipe.benchmark.out / objective})
+                                              "run.out": recipe.benchmark.out / objective,
+                                              "optim.max_steps": twin_steps(recipe, objective)})
 
 
 def sft_config(recipe: ReversalRecipe, objective: str, base: Path, data: Path) -> SFTConfig:
@@ -35,19 +42,21 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     `inputs` files (data, base weights: compared by SHA-256, kept in run/benchmark.json); (final model, training
     seconds), those of a reused model being what it took when trained, so that the benchmark's
     timing is its cost from scratch. A run stopped part way from the same recipe and inputs resumes
-    from its last checkpoint (its seconds: those of every session it took, as the record keeps them);
+    from its last checkpoint (its seconds: those of every session it took, as the record keeps them),
+    and one under another `optim.max_steps` from the last checkpoint both schedules share (`rewind`);
     one from another recipe or inputs is removed and trained anew."""
     import hashlib
 
     wanted = config.to_dict()
     digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs)).hexdigest()
     saved, record = run / "config.yaml", run / "benchmark.json"
-    same = (saved.is_file() and record.is_file() and yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted))
-            and json.loads(record.read_text()).get("inputs_sha256") == digest)
-    if same and (run / "final").is_dir() and "train_s" in json.loads(record.read_text()):
+    same_inputs = saved.is_file() and record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == digest
+    same = same_inputs and (yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted)) or rewind(run, config))
+    kept = json.loads(record.read_text()) if same else {}
+    if same and (run / "final").is_dir() and "train_s" in kept:
         print(f"reusing {run / 'final'}", file=sys.stderr)
-        return run / "final", json.loads(record.read_text())["train_s"]
-    earlier = json.loads(record.read_text()).get("sessions_s", []) if same else []
+        return run / "final", kept["train_s"]
+    earlier, history = kept.get("sessions_s", []), {k: v for k, v in kept.items() if k == "rewound"}
     if run.exists() and not same:
         from remask.atomic import remove_dir
 
@@ -60,7 +69,7 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
 
     def note(done: bool = False) -> None:  # each session's seconds, kept as it goes: a stopped run's count survives
         sessions[-1] = time.perf_counter() - t0
-        write_text(record, json.dumps({"inputs_sha256": digest, "sessions_s": sessions}
+        write_text(record, json.dumps({"inputs_sha256": digest, "sessions_s": sessions} | history
                                       | ({"train_s": sum(sessions)} if done else {})) + "\n")
 
     note()
@@ -70,6 +79,43 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
         note()
     note(done=True)
     return final, sum(sessions)
+
+
+def rewind(run: Path, config) -> bool:
+    """Make a run under another `optim.max_steps` (the rest of its recipe the same) a run under
+    `config`: its checkpoints up to the steps both schedules take alike (the learning rate's decay
+    starts later, or earlier) are checkpoints of a run under `config`, so the later ones and the final
+    model are removed and training resumes from the last kept one. True when done (config.yaml and
+    benchmark.json then name `config`, the record keeping every session's seconds and the change);
+    False where anything else differs or no checkpoint is shared."""
+    from remask.atomic import remove_dir
+    from remask.train.checkpointing import step_dirs
+    from remask.train.optim import shared_steps
+
+    before = yaml.safe_load((run / "config.yaml").read_text())
+    wanted = json.loads(json.dumps(config.to_dict()))
+    if not isinstance(before, dict) or "optim" not in wanted or not isinstance(before.get("optim"), dict):
+        return False
+    steps = before["optim"].get("max_steps")
+    if not isinstance(steps, int) or before != wanted | {"optim": wanted["optim"] | {"max_steps": steps}}:
+        return False
+    shared = shared_steps(config.optim.replace(max_steps=steps), config.optim)
+    kept = [step for step, _ in step_dirs(run) if step <= shared]
+    if not kept:
+        return False
+    for step, path in step_dirs(run):
+        if step > kept[-1]:
+            remove_dir(path)
+    if (run / "final").exists():
+        remove_dir(run / "final")
+    record = json.loads((run / "benchmark.json").read_text())
+    record.pop("train_s", None)
+    change = {"max_steps": [steps, config.optim.max_steps], "resumed_from_step": kept[-1]}
+    record["rewound"] = [*record.get("rewound", []), change]
+    write_text(run / "benchmark.json", json.dumps(record) + "\n")
+    write_text(run / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    print(f"{run}: max_steps {steps} -> {config.optim.max_steps}, resuming from step {kept[-1]}", file=sys.stderr)
+    return True
 
 
 def check_sft_fits(config: SFTConfig) -> None:

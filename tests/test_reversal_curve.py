@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from remask.data.facts import people
@@ -125,6 +126,35 @@ def test_an_interrupted_benchmark_run_resumes_and_counts_every_session(tmp_path)
     assert (run / "progress").read_text() == "x" and calls[-1] == ["benchmark.json"]
 
 
+def test_a_lengthened_run_resumes_from_its_last_shared_checkpoint_and_equals_a_fresh_one(corpus, tmp_path):
+    """Raising a finished run's max_steps keeps the checkpoints taken before its decay began (the
+    schedules agree up to there) and trains on from the last of them: the result is bit-identical
+    to a run started under the longer schedule. It used to be removed and retrained from step 0."""
+    from test_train import tiny_cfg, weights
+
+    from remask.train.checkpointing import step_dirs
+    from remask.train.pretrain import pretrain
+
+    bench = bench_module("reversal")
+    short = tiny_cfg(corpus, tmp_path / "run", max_steps=8, save_every=2, decay_fraction=0.5, val_every=100,
+                     keep_checkpoints=10, resume=True)
+    bench.train_once(short.run.out, short, pretrain, [corpus])  # decays from step 4
+    longer = short.replace(optim=short.optim.replace(max_steps=12))  # decays from step 6
+    calls = []
+    final, _ = bench.train_once(longer.run.out, longer, lambda c: calls.append(
+        [s for s, _ in step_dirs(c.run.out)]) or pretrain(c), [corpus])
+    assert calls == [[2, 4]]  # steps 6 and 8 were taken under the decay of the shorter run
+    record = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+    assert record["rewound"] == [{"max_steps": [8, 12], "resumed_from_step": 4}] and "train_s" in record
+    fresh = pretrain(longer.replace(run=longer.run.replace(out=tmp_path / "fresh")))
+    a, b = weights(final), weights(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = longer.replace(optim=longer.optim.replace(max_steps=16, lr=1e-3))  # another lr too: from scratch
+    bench.train_once(other.run.out, other, lambda c: calls.append([s for s, _ in step_dirs(c.run.out)]) or pretrain(c),
+                     [corpus])
+    assert calls[-1] == [] and "rewound" not in json.loads((tmp_path / "run" / "benchmark.json").read_text())
+
+
 # --- the curve ----------------------------------------------------------------------------------------
 
 
@@ -155,6 +185,31 @@ def test_curve_points_come_from_the_kept_checkpoints_and_the_final_model(tmp_pat
     assert shorter.sft.optim.lr == recipe.sft.optim.lr and recipe.sft.optim.max_steps > shorter.sft.optim.max_steps
     changed = bench.load(REPO / "recipes" / "reversal.yaml", ["benchmark.curve_sft_steps=10"])
     assert curve.point_recipe(changed) != curve.point_recipe(recipe)
+
+
+def test_a_point_counts_only_while_its_checkpoint_holds_the_weights_it_was_measured_on(tmp_path):
+    """A lengthened run replaces its checkpoints after the old decay: the points measured on the
+    old ones (same step, same SFT recipe) are left out of the curve and measured again."""
+    import hashlib
+
+    bench, curve = bench_module("reversal"), bench_module("reversal_curve")
+    recipe = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "pretrain.optim.max_steps=40",
+                                                              "benchmark.curve_every=20", "benchmark.mdm_steps_factor=1.5"])
+    assert [bench.twin_steps(recipe, o) for o in ("mdm", "ar")] == [60, 40]
+    for step in (20, 40):
+        (tmp_path / "mdm" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "mdm" / "checkpoints" / f"step-{step}" / "model.safetensors").write_bytes(b"w%d" % step)
+    sha = curve.point_recipe(recipe)
+    rows = [point("mdm", step) | {"recipe_sha256": sha, "base_sha256": hashlib.sha256(b"w%d" % step).hexdigest()}
+            for step in (20, 40)]
+    (tmp_path / "curve").mkdir()
+    (tmp_path / "curve" / "mdm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["step"] for p in curve.current_points(recipe)] == [20, 40]  # step 40 < 60: a checkpoint, not the end
+    (tmp_path / "mdm" / "checkpoints" / "step-40" / "model.safetensors").write_bytes(b"retrained")
+    assert [p["step"] for p in curve.current_points(recipe)] == [20]
+    other = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "benchmark.curve_every=20",
+                                                             "pretrain.optim.max_steps=40", "sft.optim.lr=0.0001"])
+    assert curve.current_points(other) == []  # another SFT recipe
 
 
 def test_the_summary_gives_each_twin_at_its_best_and_both_at_the_same_budget(tmp_path):

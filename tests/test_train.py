@@ -25,7 +25,7 @@ from remask.checkpoint import load_model
 from remask.model import build_model
 from remask.train.checkpointing import latest_checkpoint, read_trainer_state, step_dirs
 from remask.train.config import PretrainConfig, config_replace, load_recipe
-from remask.train.optim import param_groups, wsd_lr
+from remask.train.optim import param_groups, shared_steps, wsd_lr
 from remask.train.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,17 @@ def test_wsd_schedule_by_hand():
     # warmup 0.5, 1; stable until step 6; then 4 decay steps to 0.1 linearly.
     expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1 - 0.9 * 0.25, 1 - 0.9 * 0.5, 1 - 0.9 * 0.75, 0.1]
     assert got == pytest.approx(expected)
+
+
+def test_two_schedules_share_the_steps_before_the_earlier_decay():
+    from remask.train.config import OptimConfig
+
+    a = OptimConfig(max_steps=8, warmup_steps=2, decay_fraction=0.5)  # decays from step 4
+    b = a.replace(max_steps=12)  # from step 6
+    assert shared_steps(a, b) == shared_steps(b, a) == 4
+    assert shared_steps(a, a) == 8
+    assert shared_steps(a, a.replace(decay_fraction=0.0, max_steps=12)) == 0  # another setting: nothing shared
+    assert shared_steps(a.replace(decay_fraction=0.0), a.replace(decay_fraction=0.0, max_steps=100)) == 8
 
 
 def test_weight_decay_only_on_matrices():

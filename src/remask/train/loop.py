@@ -39,7 +39,7 @@ from remask.train.checkpointing import (
 )
 from remask.train.config import OptimConfig, RunConfig
 from remask.train.objectives import OBJECTIVES, Batch, ObjectiveName, Task, batch_tokens
-from remask.train.optim import build_optimizer, wsd_lr
+from remask.train.optim import build_optimizer, scheduled_lr
 
 
 @dataclass
@@ -139,8 +139,7 @@ def train_step(job: TrainJob, model: nn.Module, forward_model: nn.Module, optimi
     optim, run, info = job.optim, job.run, job.info
     per_rank, micro, accum = sizes
     objective = OBJECTIVES[(job.task, job.objective)]
-    lr = wsd_lr(step, max_steps=optim.max_steps, peak=optim.lr, warmup_steps=optim.warmup_steps,
-                decay_fraction=optim.decay_fraction, min_ratio=optim.min_lr_ratio)
+    lr = scheduled_lr(optim, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     batch = job.batch_fn(step)

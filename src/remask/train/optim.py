@@ -38,3 +38,20 @@ def wsd_lr(step: int, *, max_steps: int, peak: float, warmup_steps: int, decay_f
         return peak
     progress = min(1.0, (step - decay_start + 1) / decay_steps)
     return peak * (1.0 - (1.0 - min_ratio) * progress)
+
+
+def scheduled_lr(optim, step: int) -> float:
+    """The learning rate of `step` under an OptimConfig's warmup-stable-decay schedule."""
+    return wsd_lr(step, max_steps=optim.max_steps, peak=optim.lr, warmup_steps=optim.warmup_steps,
+                  decay_fraction=optim.decay_fraction, min_ratio=optim.min_lr_ratio)
+
+
+def shared_steps(a, b) -> int:
+    """How many first steps two OptimConfigs train alike: where they differ in `max_steps` alone, the
+    steps before the first whose learning rates part (where the earlier decay starts); 0 where any
+    other setting differs. A checkpoint at step s <= this of a run under one is a checkpoint of a run
+    under the other, so a run can be lengthened (or shortened) from it."""
+    if a.replace(max_steps=b.max_steps) != b:
+        return 0
+    common = min(a.max_steps, b.max_steps)
+    return next((s for s in range(common) if scheduled_lr(a, s) != scheduled_lr(b, s)), common)
