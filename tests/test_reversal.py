@@ -490,7 +490,7 @@ def test_the_benchmark_recipe_loads_with_its_sections_and_overrides():
     assert any(ln.startswith("# Launch: python benchmarks/reversal.py") for ln in path.read_text().splitlines())
     recipe = bench.load(path)
     assert isinstance(recipe.pretrain, PretrainConfig) and isinstance(recipe.sft, SFTConfig)
-    assert (recipe.pretrain.optim.max_steps, recipe.sft.optim.max_steps, recipe.benchmark.poem_count) == (10800, 1200, 20)
+    assert (recipe.pretrain.optim.max_steps, recipe.sft.optim.max_steps, recipe.benchmark.poem_count) == (10800, 3600, 20)
     assert recipe.probe_window == recipe.pretrain.data.seq_len == 128  # the window defaults to the training length
     raw = yaml.safe_load(path.read_text())
     assert "objective" not in raw["pretrain"] and "source" not in raw["pretrain"]["data"] and "model" not in raw["sft"]

@@ -376,6 +376,16 @@ def test_sft_end_to_end(corpus, tmp_path, objective):
     rows = metrics(out)
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     assert load_model(out / "final").config.causal == (objective == "ar")
+    # val_fraction 0: every dialogue trained on (the reversal benchmark's fit asks them all), no validation
+    whole = tmp_path / "sft-all"
+    assert cli_main(["sft", "--model", str(base), "--data", str(data), "--out", str(whole), "--objective", objective,
+                     "--seq-len", "48", "--batch-size", "4", "--max-steps", "2", "--no-progress",
+                     "--data.val-fraction", "0"]) == 0
+    assert not any("val_loss" in r for r in metrics(whole))
+    from remask.train.sft import split_examples
+
+    assert split_examples(list(range(40)), 0.0, 0) == (list(range(40)), [])
+    assert len(split_examples(list(range(40)), 0.05, 0)[1]) == 2
 
 
 def test_sft_bad_input(tmp_path, capsys):

@@ -113,8 +113,9 @@ class DialogueData(ConfigBase):
     """A .jsonl file of {"messages": [...]} or {"prompt", "response"} lines."""
     seq_len: Annotated[int, short("--seq-len")] = setting(256, gt=0)
     """Longest example (prompt + answer) in tokens; longer answers are cut."""
-    val_fraction: float = setting(0.05, gt=0, lt=1)
-    """Fraction of examples held out for validation (none below 10 examples)."""
+    val_fraction: float = setting(0.05, ge=0, lt=1)
+    """Fraction of examples held out for validation (at least one; none below 10 examples or at 0,
+    so that every dialogue is trained on)."""
     group_by_length: bool = False
     """Batch examples of about one length (pools of 16 batches sorted by length), so that a short
     answer does not carry a long one's EOS pads, which take its loss's weight."""

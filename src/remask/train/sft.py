@@ -22,11 +22,11 @@ from remask.train.setup import build_run_model, micro_batch_size, start
 
 
 def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list, list]:
-    """A deterministic held-out subset (none when there are fewer than 10 examples)."""
+    """A deterministic held-out subset: at least one example, none when there are fewer than 10 or
+    `val_fraction` is 0."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = int(len(examples) * val_fraction) if len(examples) >= 10 else 0
-    n_val = max(n_val, 1) if len(examples) >= 10 else 0
+    n_val = max(int(len(examples) * val_fraction), 1) if len(examples) >= 10 and val_fraction > 0 else 0
     val = [examples[i] for i in sorted(order[:n_val])]
     return [examples[i] for i in sorted(order[n_val:])], val
 
