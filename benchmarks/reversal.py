@@ -293,7 +293,7 @@ def run(path: Path, overrides: list[str], **flags) -> None:
     if "curve" in options.parts:  # the checkpoints there are now (pretraining may still be running)
         points = curve(recipe, data, sft_data)
         budget = {"max_steps": {o: twin_steps(recipe, o) for o in ("mdm", "ar")}, "curve_every": options.curve_every,
-                  "sft_steps": recipe.sft.optim.max_steps,
+                  "sft_steps": recipe.sft.optim.max_steps, "curve_sft_steps": options.curve_sft_steps,
                   "pretrain_s": {o: metrics_seconds(options.out / o) for o in ("mdm", "ar")}}
         results |= {"curve": ordered(points), "curve_summary": summary(points) | {"budget": budget},
                     "curve_plot": "benchmarks/results/reversal_curve.png"}
