@@ -167,6 +167,9 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     try:
         config = pretrain_config(recipe, objective, corpus)
         base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
+        # the kept trajectory's own seconds, however many sessions it took (the record may have begun
+        # after the first of them; a lengthened run's replaced decay is not part of its cost)
+        pretrain_s = metrics_seconds(config.run.out) or pretrain_s
         config = sft_config(recipe, objective, base, sft_data)
         tuned, sft_s = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
     finally:  # the pool terminates its idle workers when it closes: nothing to record then

@@ -166,7 +166,7 @@ def point(twin, step, probe="question", kind="poem", forward=0.0, backward=0.0):
 def test_curve_points_come_from_the_kept_checkpoints_and_the_final_model(tmp_path):
     bench, curve = bench_module("reversal"), bench_module("reversal_curve")
     recipe = bench.load(REPO / "recipes" / "reversal.yaml", [f"benchmark.out={tmp_path}", "pretrain.optim.max_steps=40",
-                                                              "benchmark.curve_every=20"])
+                                                              "benchmark.curve_every=20", "benchmark.mdm_steps_factor=1"])
     for step in (10, 20, 30, 40):
         (tmp_path / "mdm" / "checkpoints" / f"step-{step}").mkdir(parents=True)
     assert [s for s, _ in curve.checkpoints(recipe, "mdm")] == [20]  # step 40 is the last: the final model stands for it
