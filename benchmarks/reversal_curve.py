@@ -100,18 +100,17 @@ def curve_twin(recipe: ReversalRecipe, data: Data, objective: str, sft_data: Pat
     recipe_sha = point_recipe(recipe)
     per_epoch = corpus_tokens(recipe, found[0][1]) if found else 1
     tokens_per_step = recipe.pretrain.optim.batch_size * recipe.pretrain.data.seq_len
-    added = []
+    added, points, measured = [], root / f"{objective}.jsonl", {p["step"] for p in twin_points(recipe, objective)}
     for step, base in found:
-        points, base_sha = root / f"{objective}.jsonl", weights_sha(base)
-        if any((p["step"], p["recipe_sha256"], p.get("base_sha256")) == (step, recipe_sha, base_sha)
-               for p in read_points(points)):
+        if step in measured:
             continue
+        base_sha = weights_sha(base)
         config = config_replace(sft_config(curve_sft(recipe), objective, base, sft_data),
                                 **{"run.out": root / f"{objective}-step-{step}-sft"})
         tuned, _ = train_once(config.run.out, config, fine_tune, [sft_data, base / "model.safetensors"])
         rows = [{"twin": objective, "step": step, "epochs": round(step * tokens_per_step / per_epoch, 1)} | r
                 | {"recipe_sha256": recipe_sha, "base_sha256": base_sha} for r in measure(recipe, data, base, tuned)]
-        kept = [p for p in read_points(points) if p["step"] != step]  # a point of another SFT recipe is replaced
+        kept = [p for p in read_points(points) if p["step"] != step]  # one of another SFT recipe or checkpoint is replaced
         write_text(points, "".join(json.dumps(r) + "\n" for r in kept + rows))
         print(f"curve: {objective} step {step} done", file=sys.stderr)
         added += rows
@@ -133,21 +132,24 @@ def curve(recipe: ReversalRecipe, data: Data, sft_data: Path) -> list[dict]:
 
 
 def current_points(recipe: ReversalRecipe) -> list[dict]:
-    """The points measured under the recipe's settings from the checkpoints there are now (a point
-    of a checkpoint since replaced, as when a run is lengthened past its old decay, is left out)."""
-    root, sha, out = recipe.benchmark.out / "curve", point_recipe(recipe), []
-    for objective in OBJECTIVES:
-        now = {step: weights_sha(base) for step, base in checkpoints(recipe, objective)}
-        out += [p for p in read_points(root / f"{objective}.jsonl")
-                if p["recipe_sha256"] == sha and now.get(p["step"]) == p.get("base_sha256")]
-    return out
+    """Both twins' points measured under the recipe's settings from the checkpoints there are now."""
+    return [p for objective in OBJECTIVES for p in twin_points(recipe, objective)]
+
+
+def twin_points(recipe: ReversalRecipe, objective: str) -> list[dict]:
+    """The twin's points measured under the recipe's settings from its checkpoints as they are now
+    (a point of a checkpoint since replaced, as when a run is lengthened past its old decay, is
+    left out)."""
+    sha, now = point_recipe(recipe), {step: weights_sha(base) for step, base in checkpoints(recipe, objective)}
+    return [p for p in read_points(recipe.benchmark.out / "curve" / f"{objective}.jsonl")
+            if p["recipe_sha256"] == sha and now.get(p["step"]) == p.get("base_sha256")]
 
 
 def weights_sha(model_dir: Path) -> str:
     """SHA-256 of a model directory's weights: what a point was measured on."""
-    import hashlib
+    from reversal_train import file_sha256
 
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    return file_sha256(model_dir / "model.safetensors")
 
 
 def best(points: list[dict], twin: str, kind: str, probe: str) -> dict | None:

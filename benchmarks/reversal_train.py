@@ -37,6 +37,12 @@ def sft_config(recipe: ReversalRecipe, objective: str, base: Path, data: Path) -
                                          "run.out": recipe.benchmark.out / f"{objective}-sft"})
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, float]:
     """Train unless run/final exists from the same recipe (compared as config.yaml) and the same
     `inputs` files (data, base weights: compared by SHA-256, kept in run/benchmark.json); (final model, training
@@ -48,7 +54,7 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     import hashlib
 
     wanted = config.to_dict()
-    digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in inputs)).hexdigest()
+    digest = hashlib.sha256(b"".join(bytes.fromhex(file_sha256(f)) for f in inputs)).hexdigest()
     saved, record = run / "config.yaml", run / "benchmark.json"
     same_inputs = saved.is_file() and record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == digest
     same = same_inputs and (yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted)) or rewind(run, config))
