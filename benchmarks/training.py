@@ -36,7 +36,7 @@ from remask.data.packing import PackedBatches, Stream, step_generator
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.model import build_model
 from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainConfig, RunConfig
-from remask.train.objectives import OBJECTIVES, TextBatch
+from remask.train.objectives import OBJECTIVES, Noise, TextBatch
 from remask.train.optim import build_optimizer
 from remask.train.pretrain import pretrain
 
@@ -53,7 +53,7 @@ def cost(args) -> dict:
     model_cfg = ModelSection(preset=args.preset).build(tok.special_ids, tok.vocab_size)
     runs = {}
     for objective in ("mdm", "ar"):
-        model = build_model(model_cfg.replace(causal=objective == "ar"), seed=0)
+        model = build_model(model_cfg.replace(attention="causal" if objective == "ar" else "full"), seed=0)
         opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
         runs[objective] = (model, opt)
     times = {"mdm": [], "ar": []}
@@ -64,8 +64,8 @@ def cost(args) -> dict:
                 step = round_ * args.steps_per_round + i
                 start = time.perf_counter()
                 loss_fn = OBJECTIVES[("pretrain", objective)]
-                inputs = loss_fn.make_inputs(TextBatch(packed.batch(step)), mask_id=tok.mask_id, eps=1e-3,
-                                             generator=step_generator(0, step, Stream.MASKS))
+                inputs = loss_fn.make_inputs(TextBatch(packed.batch(step)), Noise(tok.mask_id),
+                                             step_generator(0, step, Stream.MASKS))
                 loss_fn.loss(model, inputs).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

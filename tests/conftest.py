@@ -54,11 +54,12 @@ def poem_tokenizer() -> Tokenizer:
     return Tokenizer.train(POEM_LINES, kind="char")
 
 
-def save_tiny_model(directory: Path, tokenizer: Tokenizer, *, causal: bool = False, seed: int = 3) -> Path:
+def save_tiny_model(directory: Path, tokenizer: Tokenizer, *, seed: int = 3, **layout) -> Path:
     """A randomly initialised tiny model with `tokenizer` saved beside it (init_std 0.3 makes its
-    predictions depend on context; at 0.02 every position predicts nearly the same token)."""
-    cfg = tiny_config(tokenizer.vocab_size, init_std=0.3, causal=causal).with_tokens(tokenizer.special_ids,
-                                                                                     tokenizer.vocab_size)
+    predictions depend on context; at 0.02 every position predicts nearly the same token); `layout`:
+    attention (and block_length) when not full."""
+    cfg = tiny_config(tokenizer.vocab_size, init_std=0.3, **layout).with_tokens(tokenizer.special_ids,
+                                                                               tokenizer.vocab_size)
     return save_model(build_model(cfg, seed=seed), directory, tokenizer=tokenizer)
 
 
@@ -71,7 +72,7 @@ def model_dir(tmp_path_factory, poem_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def ar_model_dir(tmp_path_factory, poem_tokenizer) -> Path:
     """The same, causal: an AR twin. Do not modify it."""
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "ar", poem_tokenizer, causal=True)
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "ar", poem_tokenizer, attention="causal")
 
 
 @pytest.fixture

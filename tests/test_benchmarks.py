@@ -33,8 +33,8 @@ def tiny_runs(tmp_path_factory) -> Path:
     a pretraining length of 40), the corpus (one long document, then the poems) and two test pairs."""
     root = tmp_path_factory.mktemp("runs")
     tok = Tokenizer.train(POEM_LINES, kind="char")
-    for name, causal in (("mdm", False), ("ar", True)):
-        final = save_tiny_model(root / name / "final", tok, causal=causal)
+    for name, attention in (("mdm", "full"), ("ar", "causal")):
+        final = save_tiny_model(root / name / "final", tok, attention=attention)
         (final / "remask_training.json").write_text(json.dumps({"seq_len": 40}))
     (root / "corpus.txt").write_text("\n%\n".join(["".join(POEM_LINES), *POEM_LINES]), encoding="utf-8")
     pairs = [{"first": line[:6], "second": line[6:12]} for line in POEM_LINES[:2]]

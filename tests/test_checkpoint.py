@@ -85,8 +85,9 @@ def stored_names(directory: Path) -> dict[str, str]:
 # --- round trips ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{}, {"weight_tying": True}, {"n_kv_heads": 2}, {"causal": True}],
-                         ids=["plain", "tied", "gqa", "causal"])
+@pytest.mark.parametrize("kw", [{}, {"weight_tying": True}, {"n_kv_heads": 2}, {"attention": "causal"},
+                                {"attention": "block", "block_length": 4}],
+                         ids=["plain", "tied", "gqa", "causal", "block"])
 @pytest.mark.parametrize("shard", [None, 3000], ids=["single", "sharded"])
 def test_round_trip_identical_logits(tmp_path, ids, kw, shard):
     model = build_model(tiny(**kw), seed=1)
@@ -237,7 +238,7 @@ def test_config_json_has_llada_keys(tmp_path):
         "bias_for_layer_norm": False, "block_type": "llama", "activation_type": "silu", "weight_tying": False,
         "alibi": False, "flash_attention": False, "attention_layer_norm": False, "scale_logits": False,
         "block_group_size": 1, "input_emb_norm": False, "multi_query_attention": None, "model_type": "llada",
-        "architectures": ["LLaDAModelLM"], "use_cache": False, "init_std": 0.02, "causal": False,
+        "architectures": ["LLaDAModelLM"], "use_cache": False, "init_std": 0.02, "attention": "full",
         "mask_token_id": SPECIAL["mask"], "eos_token_id": SPECIAL["eos"], "pad_token_id": SPECIAL["pad"],
         "bos_token_id": SPECIAL["bos"], "torch_dtype": "float32",
         "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
@@ -250,9 +251,10 @@ def test_config_json_has_llada_keys(tmp_path):
     assert load_config(tmp_path / "ck") == cfg
 
 
-@pytest.mark.parametrize("cfg", [tiny(), tiny(weight_tying=True, causal=True, embedding_size=80),
+@pytest.mark.parametrize("cfg", [tiny(), tiny(weight_tying=True, attention="causal", embedding_size=80),
+                                 tiny(attention="block", block_length=8),
                                  tiny(n_kv_heads=1, extra={"my_note": "kept"}), preset("llada-8b")],
-                         ids=["tiny", "tied-causal-padded", "mqa-extra", "llada-8b"])
+                         ids=["tiny", "tied-causal-padded", "block", "mqa-extra", "llada-8b"])
 def test_config_round_trip(cfg):
     assert from_llada_config(json.loads(json.dumps(to_llada_config(cfg)))) == cfg
 
@@ -266,6 +268,31 @@ def test_published_llada_config_loads():
     back = to_llada_config(cfg)
     for key, value in LLADA_8B_BASE.items():  # every published key is written back with its value
         assert back[key] == value, key
+
+
+@pytest.mark.parametrize("keys, layout", [
+    ({}, "full"), ({"causal": False}, "full"), ({"causal": True}, "causal"),
+    ({"attention": "causal", "causal": True}, "causal"), ({"attention": "block", "block_length": 4}, "block"),
+])
+def test_attention_layout_is_read_back_and_older_causal_keys_open_as_before(keys, layout):
+    """Model directories written before the layout setting carry `causal` (or nothing: LLaDA's own)."""
+    base = to_llada_config(tiny())
+    del base["attention"]
+    cfg = from_llada_config(base | keys)
+    assert cfg.attention == layout and cfg.causal == (layout == "causal")
+    assert cfg.block_length == keys.get("block_length")
+
+
+@pytest.mark.parametrize("keys, fragment", [
+    ({"attention": "full", "causal": True}, "attention='full' contradicts causal=True"),
+    ({"attention": "block"}, "block_length is required with attention block"),
+    ({"attention": "sideways"}, "attention must be one of"),
+    ({"causal": 1}, "causal must be true or false"),
+])
+def test_contradictory_or_incomplete_layouts_are_refused(keys, fragment):
+    base = to_llada_config(tiny())
+    with pytest.raises(RemaskError, match=fragment):  # ConfigError is one
+        from_llada_config(base | keys)
 
 
 def test_llada_defaults_and_mqa():

@@ -30,7 +30,8 @@ class TableModel(nn.Module):
     def __init__(self, table: torch.Tensor, *, causal: bool) -> None:
         super().__init__()
         self.table = table
-        self.config = SimpleNamespace(causal=causal, max_sequence_length=table.shape[0], vocab_size=table.shape[1])
+        self.config = SimpleNamespace(causal=causal, attention="causal" if causal else "full", block_length=None,
+                                      max_sequence_length=table.shape[0], vocab_size=table.shape[1])
         self.anchor = nn.Parameter(torch.zeros(1))  # a device for the scorer to read
 
     def forward(self, ids, attention_mask=None):

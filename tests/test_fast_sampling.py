@@ -28,7 +28,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ar_model():
-    return build_model(tiny_config(V, max_sequence_length=64, init_std=0.3, causal=True), seed=3,
+    return build_model(tiny_config(V, max_sequence_length=64, init_std=0.3, attention="causal"), seed=3,
                        dtype=torch.float64).eval()
 
 

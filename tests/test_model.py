@@ -16,8 +16,12 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**(base | kw))
 
 
-def reference_forward(model, ids: torch.Tensor, causal: bool, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain transcription in float64: explicit softmax attention, complex-number rotary."""
+LAYOUTS = {"full": {}, "causal": {"attention": "causal"}, "block": {"attention": "block", "block_length": 3}}
+
+
+def reference_forward(model, ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain transcription in float64: explicit softmax attention, complex-number rotary, the
+    layout written out per (query, key) pair (block: key i // L' <= query j // L')."""
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     B, T = ids.shape
@@ -46,8 +50,12 @@ def reference_forward(model, ids: torch.Tensor, causal: bool, key_mask: torch.Te
             kv = head // (H // Hkv)
             scores = q[:, head] @ k[:, kv].transpose(-1, -2) / math.sqrt(D)  # (B, T, T)
             allowed = torch.ones(B, T, T, dtype=torch.bool)
-            if causal:
-                allowed &= torch.ones(T, T, dtype=torch.bool).tril()
+            for qi in range(T):
+                for ki in range(T):
+                    if cfg.attention == "causal" and ki > qi:
+                        allowed[:, qi, ki] = False
+                    if cfg.attention == "block" and ki // cfg.block_length > qi // cfg.block_length:
+                        allowed[:, qi, ki] = False
             if key_mask is not None:
                 allowed &= key_mask.bool()[:, None, :]
             allowed |= torch.eye(T, dtype=torch.bool)
@@ -62,30 +70,30 @@ def reference_forward(model, ids: torch.Tensor, causal: bool, key_mask: torch.Te
     return x @ head.T
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"weight_tying": True}, {"rope_theta": 500_000.0}])
-def test_matches_reference(causal, kw):
-    model = build_model(tiny(causal=causal, **kw), seed=1)
+def test_matches_reference(layout, kw):
+    model = build_model(tiny(**LAYOUTS[layout], **kw), seed=1)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     got = model(ids).double()
-    torch.testing.assert_close(got, reference_forward(model, ids, causal), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference_forward(model, ids), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_matches_reference_with_padding_mask(causal):
-    model = build_model(tiny(causal=causal), seed=2)
+@pytest.mark.parametrize("layout", ["full", "causal"])
+def test_matches_reference_with_padding_mask(layout):
+    model = build_model(tiny(**LAYOUTS[layout]), seed=2)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0
     got = model(ids, mask).double()
-    torch.testing.assert_close(got, reference_forward(model, ids, causal, mask), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference_forward(model, ids, mask), atol=2e-5, rtol=1e-4)
 
 
 def test_bidirectional_vs_causal():
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
     changed = ids.clone()
     changed[0, -1] = (changed[0, -1] + 1) % VOCAB
-    mdm, ar = build_model(tiny(), seed=4), build_model(tiny(causal=True), seed=4)
+    mdm, ar = build_model(tiny(), seed=4), build_model(tiny(attention="causal"), seed=4)
     # A later token changes every earlier position's logits in the mask predictor ...
     diff = (mdm(changed) - mdm(ids))[0, :-1].abs().amax(-1)
     assert (diff > 1e-4).all()
@@ -96,9 +104,9 @@ def test_bidirectional_vs_causal():
         assert torch.equal(v, ar.state_dict()[k])
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_left_padding_and_batch_invariance(causal):
-    model = build_model(tiny(causal=causal), seed=5)
+@pytest.mark.parametrize("layout", ["full", "causal"])
+def test_left_padding_and_batch_invariance(layout):
+    model = build_model(tiny(**LAYOUTS[layout]), seed=5)
     g = torch.Generator().manual_seed(6)
     a, b = torch.randint(0, VOCAB, (1, 10), generator=g), torch.randint(0, VOCAB, (1, 6), generator=g)
     pad_id = 0  # any id: padded keys are masked out
@@ -143,7 +151,10 @@ def test_parameter_count_and_presets():
     [
         ({"d_model": 30}, "divisible by n_heads"),
         ({"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads"),
-        ({"causal": "no"}, "causal must be true or false"),
+        ({"attention": "causal-ish"}, "attention must be one of"),
+        ({"attention": "block"}, "block_length is required with attention block"),
+        ({"block_length": 4}, r"block_length \(4\) goes with attention block only"),
+        ({"attention": "block", "block_length": 0}, "block_length must be > 0"),
         ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
         ({"mask_token_id": 1.5}, "mask_token_id must be an integer"),
         ({"n_layers": True}, "n_layers must be an integer"),
@@ -157,7 +168,7 @@ def test_config_validation(kw, fragment):
 
 
 def test_config_round_trip_and_unknown_key():
-    cfg = tiny(n_kv_heads=2, causal=True)
+    cfg = tiny(n_kv_heads=2, attention="causal")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown model config key.*bogus"):
         ModelConfig.from_dict(cfg.to_dict() | {"bogus": 1}, where="model config")
@@ -173,14 +184,15 @@ def test_attention_bias_is_none_only_when_a_bidirectional_model_may_see_every_ke
     """Hand cases: the unmasked kernel only where the mask would allow everything."""
     from remask.model import attention_bias
 
+    full, causal_cfg = tiny(), tiny(attention="causal")
     ones, padded = torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 1, 1]])
-    assert attention_bias(None, False, 3, torch.device("cpu")) is None
-    assert attention_bias(ones, False, 3, torch.device("cpu")) is None
-    assert attention_bias(ones, False, 3, torch.device("cpu"), past_valid=torch.ones(2, 2)) is None
-    mask = attention_bias(padded, False, 3, torch.device("cpu"))
+    assert attention_bias(None, full, 3, torch.device("cpu")) is None
+    assert attention_bias(ones, full, 3, torch.device("cpu")) is None
+    assert attention_bias(ones, full, 3, torch.device("cpu"), past_valid=torch.ones(2, 2)) is None
+    mask = attention_bias(padded, full, 3, torch.device("cpu"))
     assert mask.shape == (2, 1, 3, 3) and mask[0].all()
     assert mask[1, 0].tolist() == [[True, True, True], [False, True, True], [False, True, True]]  # the pad sees itself too
-    past = attention_bias(ones, False, 3, torch.device("cpu"), past_valid=torch.tensor([[1, 0], [1, 1]]))
+    past = attention_bias(ones, full, 3, torch.device("cpu"), past_valid=torch.tensor([[1, 0], [1, 1]]))
     assert past[0, 0, :, 1].tolist() == [False] * 3 and past[1].all()
-    causal = attention_bias(ones, True, 3, torch.device("cpu"))
+    causal = attention_bias(ones, causal_cfg, 3, torch.device("cpu"))
     assert causal is not None and causal[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]

@@ -142,6 +142,8 @@ def test_training_numbers_are_checked_before_anything_is_written(corpus, tmp_pat
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("causal", "no", "causal must be true or false, got 'no'"),
+    ("attention", "diagonal", "attention must be one of 'full', 'causal', 'block', got 'diagonal'"),
+    ("block_length", 4, "block_length (4) goes with attention block only"),
     ("mask_token_id", 1.5, "mask_token_id must be an integer or null, got 1.5"),
     ("rope_theta", float("inf"), "rope_theta must be a finite number, got inf"),
     ("weight_tying", 0, "weight_tying must be true or false, got 0"),

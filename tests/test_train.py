@@ -341,7 +341,7 @@ def test_cli_overrides_recipe(tmp_path):
 
 
 def test_sft_inputs_never_mask_the_prompt_and_count_padding_as_answer():
-    from remask.train.objectives import OBJECTIVES, DialogueBatch
+    from remask.train.objectives import OBJECTIVES, DialogueBatch, Noise
 
     ids = torch.arange(1, 9).repeat(64, 1)  # (64, 8)
     prompt_lengths = torch.tensor([3, 5] * 32)
@@ -349,13 +349,12 @@ def test_sft_inputs_never_mask_the_prompt_and_count_padding_as_answer():
     pad_mask[1::2, 6:] = True  # odd rows end in two EOS pads
     mask_id = 0
     batch = DialogueBatch(ids, prompt_lengths, pad_mask)
-    inputs = OBJECTIVES[("sft", "mdm")].make_inputs(batch, mask_id=mask_id, eps=1e-3,
-                                                    generator=torch.Generator().manual_seed(0))
+    inputs = OBJECTIVES[("sft", "mdm")].make_inputs(batch, Noise(mask_id), torch.Generator().manual_seed(0))
     prompt = torch.arange(8)[None, :] < prompt_lengths[:, None]
     assert not inputs.masked[prompt].any() and torch.equal(inputs.noisy[prompt], ids[prompt])
     assert inputs.masked[pad_mask].any()  # the EOS padding is masked and trained like the answer
     assert inputs.answer_lengths.tolist() == [5, 3] * 32  # padding counted in the answer length
-    ar = OBJECTIVES[("sft", "ar")].make_inputs(batch, mask_id=mask_id, eps=1e-3, generator=None)
+    ar = OBJECTIVES[("sft", "ar")].make_inputs(batch, Noise(mask_id), None)
     assert torch.equal(ar.loss_mask, ~prompt & ~pad_mask)
     assert torch.equal(inputs.rows(slice(2, 4)).masked, inputs.masked[2:4])  # records slice by rows
 

@@ -185,6 +185,7 @@ def _config_class(tp: Any) -> type | None:
 
 # --- the model ---------------------------------------------------------------------------------
 
+AttentionLayout = Literal["full", "causal", "block"]
 TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
 
@@ -192,7 +193,9 @@ TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 class ModelConfig(ConfigBase):
     """LLaMA-style mask predictor (LLaDA, arXiv 2502.09992, section 2.1).
 
-    `causal=True` gives the autoregressive twin; nothing else differs.
+    The attention layout is the one difference between the three kinds of model: `full`
+    (LLaDA's mask predictor), `causal` (the autoregressive twin) and `block` (block diffusion,
+    BD3-LM: blocks of `block_length` positions, bidirectional inside a block, causal across).
     """
 
     vocab_size: int = setting(1024, gt=0)
@@ -219,8 +222,12 @@ class ModelConfig(ConfigBase):
     """Rows of the embedding / logits width; None: vocab_size."""
     init_std: float = setting(0.02, gt=0)
     """Standard deviation of the initial weights."""
-    causal: bool = False
-    """Causal attention mask: the autoregressive twin."""
+    attention: AttentionLayout = "full"
+    """full: every position sees every other (LLaDA); causal: each sees those before it (the AR
+    twin); block: each sees its own block and the blocks before it (block diffusion)."""
+    block_length: int | None = setting(None, gt=0)
+    """Positions per block of the `block` layout (position p is in block p // block_length); only
+    with attention block."""
     # Filled from the tokenizer, never written by hand in code.
     mask_token_id: int | None = setting(None, ge=0)
     eos_token_id: int | None = setting(None, ge=0)
@@ -230,6 +237,10 @@ class ModelConfig(ConfigBase):
     """Unknown config.json keys, kept verbatim."""
 
     def check(self) -> None:
+        self.need(self.attention != "block" or self.block_length is not None, "block_length",
+                  "is required with attention block")
+        self.need(self.attention == "block" or self.block_length is None, "block_length",
+                  f"({self.block_length}) goes with attention block only (attention is {self.attention!r})")
         self.need(self.d_model % self.n_heads == 0, "d_model",
                   f"({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         self.need(self.head_dim % 2 == 0, "d_model",
@@ -244,6 +255,11 @@ class ModelConfig(ConfigBase):
                       f"={value} is outside the vocabulary (size {self.padded_vocab})")
 
     # --- derived sizes -------------------------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        """The autoregressive twin's layout: next-token prediction, exact likelihood, KV decoding."""
+        return self.attention == "causal"
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -289,9 +305,9 @@ class ModelConfig(ConfigBase):
 
 
 # Fields a recipe may override on a preset: the architecture, not what the tokenizer or the
-# objective decide.
+# objective (the attention layout) decide.
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
-                            if f.name not in (*TOKEN_FIELDS, "vocab_size", "causal", "extra"))
+                            if f.name not in (*TOKEN_FIELDS, "vocab_size", "attention", "block_length", "extra"))
 
 # Named presets. Parameter counts quoted with their default vocabulary; the real vocabulary
 # comes from the tokenizer and changes the embedding share only.

@@ -2,7 +2,9 @@
 
 Reads top to bottom: RMSNorm -> rotary -> attention -> MLP -> block -> model.
 `ids (B, T) [+ attention_mask (B, T)] -> logits (B, T, V)`. Forward pass only: no loss,
-sampling or tokenizer here. `config.causal` is the one difference from the AR twin.
+sampling or tokenizer here. `config.attention` is the one difference between the mask predictor
+(full), the AR twin (causal) and a block diffusion model (block: bidirectional inside blocks of
+`config.block_length` positions, causal across them).
 Parameter names follow the published LLaDA checkpoints so the key map stays short.
 
 For KV caching, `forward` also takes the keys and values of other positions (`past`, a `KV`)
@@ -172,35 +174,49 @@ class Block(nn.Module):
         return x + self.mlp(self.ff_norm(x)), kv
 
 
-def attention_bias(attention_mask: Tensor | None, causal: bool, T: int, device: torch.device,
-                   past_valid: Tensor | None = None) -> Tensor | None:
-    """Boolean SDPA mask (B, 1, T, Tp + T) where True = may attend, or None for the fast path
-    (also when a bidirectional model may attend to every key).
+def block_ids(positions: Tensor, block_length: int) -> Tensor:
+    """The block of each position (block diffusion): positions 0..block_length-1 form block 0."""
+    return torch.div(positions, block_length, rounding_mode="floor")
+
+
+def attention_bias(attention_mask: Tensor | None, cfg: ModelConfig, T: int, device: torch.device,
+                   past_valid: Tensor | None = None, positions: Tensor | None = None) -> Tensor | None:
+    """Boolean SDPA mask (B or 1, 1, T, Tp + T) where True = may attend, or None for the fast path
+    (also when a full-attention model may attend to every key).
 
     `attention_mask` (B, T) marks real tokens with 1 and (left) padding with 0; `past_valid`
-    (B, Tp) the attendable cached positions, which come first among the keys (for the AR twin
-    they all precede the T tokens). Every query may always attend to itself so that padded rows
-    never see an all-masked row (NaN).
+    (B, Tp) the attendable cached positions, which come first among the keys: for the causal and
+    block layouts they precede the T tokens (a block cache holds finished blocks only), so every
+    valid one may be attended. The block layout reads each token's block from its rotary
+    `positions` (T,) or (B, T). Every query may always attend to itself so that padded rows never
+    see an all-masked row (NaN).
     """
-    if attention_mask is None and past_valid is None:
+    layout = cfg.attention
+    if attention_mask is None and past_valid is None and layout != "block":
         return None
-    B = (attention_mask if attention_mask is not None else past_valid).shape[0]
+    rows = attention_mask if attention_mask is not None else past_valid
+    B = 1 if rows is None else rows.shape[0]
     current = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                else attention_mask.bool())
     keys = current if past_valid is None else torch.cat([past_valid.bool(), current], dim=1)  # (B, Tp + T)
-    if not causal and bool(keys.all()):  # nothing to hide: the unmasked (faster) kernel
+    if layout == "full" and bool(keys.all()):  # nothing to hide: the unmasked (faster) kernel
         return None
     Tp = keys.shape[1] - T
     allowed = keys[:, None, None, :].expand(-1, 1, T, Tp + T)
     itself = torch.eye(T, Tp + T, dtype=torch.bool, device=device).roll(Tp, dims=1)  # query i -> key Tp + i
-    if causal:
-        order = torch.ones(T, Tp + T, dtype=torch.bool, device=device).tril(Tp)
-        allowed = allowed & order
+    if layout == "causal":
+        allowed = allowed & torch.ones(T, Tp + T, dtype=torch.bool, device=device).tril(Tp)
+    elif layout == "block":
+        pos = torch.arange(T, device=device) if positions is None else positions
+        blk = block_ids(pos, cfg.block_length)  # (T,) or (B, T)
+        order = blk[..., None, :] <= blk[..., :, None]  # (.., T, T): key block <= query block
+        order = F.pad(order, (Tp, 0), value=True)  # the cached keys precede every query's block
+        allowed = allowed & (order[None, None] if order.dim() == 2 else order[:, None])
     return allowed | itself
 
 
 class Transformer(nn.Module):
-    """LLaDA mask predictor (or, with `cfg.causal`, its autoregressive twin)."""
+    """LLaDA mask predictor (or, by `cfg.attention`, its autoregressive twin or a block diffusion model)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -211,8 +227,8 @@ class Transformer(nn.Module):
         self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, *,
-                past: KV | None = None, return_kv: bool = False,
-                logits_at: Tensor | slice | None = None) -> Tensor | tuple[Tensor, KV]:
+                past: KV | None = None, return_kv: bool = False, logits_at: Tensor | slice | None = None,
+                mask: Tensor | None = None) -> Tensor | tuple[Tensor, KV]:
         """ids (B, T) -> logits (B, T, V).
 
         `positions` (T,), or (B, T) per row, are the rotary positions of `ids` (default
@@ -220,21 +236,29 @@ class Transformer(nn.Module):
         positions. For caching: `past` holds keys/values of other positions the tokens attend to
         as well (for the AR twin, earlier ones); `return_kv` also returns these tokens' own (a
         `KV`, valid where `attention_mask` is); `logits_at` (an index or slice along T, or a
-        (B, N) index per row) computes the output head only there.
+        (B, N) index per row) computes the output head only there. `mask` (B or 1, 1, T, T), True =
+        may attend, replaces the layout's own (block diffusion's training pass over the noisy and
+        the clean sequence together); no `attention_mask` or `past` with it.
         """
         B, T = ids.shape
-        total = T + (past.length if past is not None else 0)
+        # With an explicit mask the tokens may repeat positions (block diffusion's two streams).
+        total = T + (past.length if past is not None else 0) if mask is None or positions is None \
+            else int(positions.max()) + 1
         if total > self.config.max_sequence_length:
             raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
         if positions is None:
             positions = torch.arange(T, device=ids.device)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        mask = attention_bias(attention_mask, self.config.causal, T, ids.device,
-                              None if past is None else past.valid_mask())
+        if mask is None:
+            mask = attention_bias(attention_mask, self.config, T, ids.device,
+                                  None if past is None else past.valid_mask(), positions)
+        elif attention_mask is not None or past is not None:
+            raise ValueError("an explicit attention mask takes no attention_mask or past")
         x = self.wte(ids)  # (B, T, d)
         layers = []
+        causal = self.config.attention == "causal"
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, mask, self.config.causal, None if past is None else past.layers[i])
+            x, kv = block(x, cos, sin, mask, causal, None if past is None else past.layers[i])
             layers.append(kv)
         if isinstance(logits_at, Tensor) and logits_at.dim() == 2:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, d)

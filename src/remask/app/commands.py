@@ -42,7 +42,8 @@ def info(directory: Annotated[Path, Positional], json: bool = False) -> None:
         "parameters": cfg.num_parameters(),
         "non_embedding_parameters": cfg.num_parameters(embeddings=False),
         "checkpoint_bytes": checkpoint_bytes(directory),
-        "kind": "autoregressive twin (causal)" if cfg.causal else "masked diffusion (bidirectional)",
+        "kind": {"causal": "autoregressive twin (causal)", "full": "masked diffusion (bidirectional)",
+                 "block": f"block diffusion (blocks of {cfg.block_length})"}[cfg.attention],
         "config": cfg.to_dict(),
         "tokenizer": {"vocab_size": tok.vocab_size, "special_tokens": special},
     }

@@ -110,12 +110,13 @@ _PASSIVE: dict[str, Any] = {
 _REQUIRED = ("d_model", "n_heads", "n_layers", "vocab_size")
 _KNOWN = (set(_ARCHITECTURE) | set(_PASSIVE) | set(_REQUIRED)
           | {"bias_for_layer_norm", "multi_query_attention", "n_kv_heads", "mlp_hidden_size", "max_sequence_length",
-             "rope_theta", "rms_norm_eps", "weight_tying", "embedding_size", "init_std", "causal", "mask_token_id",
-             "eos_token_id", "pad_token_id", "bos_token_id", "torch_dtype", "_name_or_path"})
+             "rope_theta", "rms_norm_eps", "weight_tying", "embedding_size", "init_std", "causal", "attention", "block_length",
+             "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "torch_dtype", "_name_or_path"})
 
 
 def to_llada_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json dict LLaDA's code reads for `cfg` (+ remask's `causal` and `bos_token_id`)."""
+    """The config.json dict LLaDA's code reads for `cfg` (+ remask's `attention`, `block_length` and
+    `bos_token_id`)."""
     d: dict[str, Any] = {k: v for k, v in cfg.extra.items() if k not in _KNOWN}  # unknown keys, verbatim
     d |= {key: wanted for key, (_, wanted) in _ARCHITECTURE.items()}
     d |= json.loads(json.dumps(_PASSIVE))  # a deep copy, so callers may mutate the result
@@ -137,8 +138,10 @@ def to_llada_config(cfg: ModelConfig) -> dict[str, Any]:
         "mask_token_id": cfg.mask_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
-        "causal": cfg.causal,
+        "attention": cfg.attention,
     }
+    if cfg.block_length is not None:
+        d["block_length"] = cfg.block_length
     if cfg.bos_token_id is not None:
         d["bos_token_id"] = cfg.bos_token_id
     return d
@@ -167,11 +170,23 @@ def _kv_heads(d: dict[str, Any]) -> int | None:
     return implied if mqa else kv
 
 
+def _attention(d: dict[str, Any]) -> Any:
+    """The attention layout: `attention`, else the older `causal` flag (full unless true)."""
+    causal = d.get("causal")
+    if causal is not None and not isinstance(causal, bool):
+        raise RemaskError(f"model config: causal must be true or false, got {causal!r}")
+    layout = d.get("attention", "causal" if causal else "full")
+    if causal is not None and (layout == "causal") != causal:
+        raise RemaskError(f"model config: attention={layout!r} contradicts causal={causal}")
+    return layout
+
+
 def from_llada_config(d: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a LLaDA config.json dict; RemaskError names a key remask cannot represent.
 
     Absent architecture keys take LLaDA's defaults; absent token ids and embedding_size are None;
-    `causal` defaults to False. Keys LLaDA does not define are kept in `extra`. Types are strict
+    `attention` defaults to full (LLaDA's checkpoints); the older key `causal` (true: the AR twin)
+    is read where `attention` is absent. Keys LLaDA does not define are kept in `extra`. Types are strict
     (ModelConfig checks them): a bool is a JSON boolean, an id an integer, a float finite.
     """
     if not isinstance(d, dict):
@@ -198,7 +213,8 @@ def from_llada_config(d: dict[str, Any]) -> ModelConfig:
         weight_tying=d.get("weight_tying", True),
         embedding_size=d.get("embedding_size"),
         init_std=d.get("init_std", 0.02),
-        causal=d.get("causal", False),
+        attention=_attention(d),
+        block_length=d.get("block_length"),
         mask_token_id=d.get("mask_token_id"),
         eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),

@@ -45,14 +45,14 @@ def token_log_probs(logits: Tensor, ids: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
 
 
-def _estimate(terms: list[Tensor]) -> LikelihoodEstimate:
+def estimate(terms: list[Tensor]) -> LikelihoodEstimate:
     values = torch.cat(terms).double()
     n = values.numel()
     stderr = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("inf")
     return LikelihoodEstimate(values.mean().item(), stderr, n)
 
 
-def _check_mc(mc_num: int, batch_size: int) -> None:
+def check_mc(mc_num: int, batch_size: int) -> None:
     if batch_size <= 0 or mc_num <= 0 or mc_num % batch_size:
         raise RemaskError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size})")
 
@@ -66,7 +66,7 @@ def mc_log_likelihood(model_fn: ModelFn, prompt: Tensor, answer: Tensor, *, mask
     The standard error is the sample standard deviation of the per-row terms over sqrt(n);
     the stratified mask counts make the rows negatively correlated, so it is conservative.
     """
-    _check_mc(mc_num, batch_size)
+    check_mc(mc_num, batch_size)
     P, L = prompt.numel(), answer.numel()
     if L == 0:
         raise RemaskError("the answer is empty")
@@ -79,7 +79,7 @@ def mc_log_likelihood(model_fn: ModelFn, prompt: Tensor, answer: Tensor, *, mask
         logits = guided_logits(model_fn, noisy, ~answer_mask, cfg_scale, mask_id)  # prompt masked if uncond
         logp = (token_log_probs(logits, seq) * masked).sum(1)  # (b,)
         terms.append(logp * L / counts.to(logp.dtype))
-    return _estimate(terms)
+    return estimate(terms)
 
 
 @torch.no_grad()
@@ -87,14 +87,14 @@ def t_bound(model_fn: ModelFn, ids: Tensor, *, mask_id: int, mc_num: int = 128, 
             eps: float = 1e-3, generator: torch.Generator | None = None) -> LikelihoodEstimate:
     """Monte-Carlo lower bound on log p(ids) of unconditional text (eq. 6): t ~ U(0, 1),
     p = (1 - eps) t + eps, term = (1 / p) * sum over masked i of log p(x_i | x_t). ids (T,)."""
-    _check_mc(mc_num, batch_size)
+    check_mc(mc_num, batch_size)
     seq = ids[None, :].expand(batch_size, -1)
     terms = []
     for _ in range(mc_num // batch_size):
         noisy, masked, p = forward_mask(seq, mask_id=mask_id, eps=eps, generator=generator)
         logp = (token_log_probs(model_fn(noisy, None), seq) * masked).sum(1)
         terms.append(logp / p[:, 0])
-    return _estimate(terms)
+    return estimate(terms)
 
 
 def _subsets(L: int) -> list[tuple[int, ...]]:

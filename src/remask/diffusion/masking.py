@@ -34,22 +34,30 @@ def stratified_t(batch: int, *, generator: torch.Generator | None = None,
     return (order.to(u.dtype) + u) / batch
 
 
+def draw_t(n: int, *, t_range: tuple[float, float] = (0.0, 1.0), stratified: bool = False,
+           generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
+    """(n,) times uniform on `t_range` (a clipped range narrows [0, 1]), independent or stratified."""
+    u = (stratified_t if stratified else sample_t)(n, generator=generator, device=device)
+    lo, hi = t_range
+    return u if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * u
+
+
 def mask_probability(t: Tensor, eps: float = 1e-3) -> Tensor:
     """p = (1 - eps) t + eps: the masking rate at time t, bounded away from zero."""
     return (1.0 - eps) * t + eps
 
 
 def forward_mask(ids: Tensor, *, mask_id: int, eps: float = 1e-3, maskable: Tensor | None = None,
-                 t: Tensor | None = None, stratified: bool = False,
+                 t: Tensor | None = None, stratified: bool = False, t_range: tuple[float, float] = (0.0, 1.0),
                  generator: torch.Generator | None = None) -> MaskedBatch:
     """Mask each maskable token of `ids` (B, T) independently with its sequence's probability p
     (eq. 7). `maskable` (B, T) restricts masking (SFT: the response only); `t` (B,) fixes the times,
-    else they are drawn independently or, with `stratified`, one per stratum (`stratified_t`).
+    else they are drawn on `t_range` independently or, with `stratified`, one per stratum.
     Random numbers are drawn on the generator's device and moved to `ids`' device."""
     B, T = ids.shape
     gen_device = generator.device if generator is not None else ids.device
     if t is None:
-        t = (stratified_t if stratified else sample_t)(B, generator=generator, device=gen_device)
+        t = draw_t(B, t_range=t_range, stratified=stratified, generator=generator, device=gen_device)
     p = mask_probability(t.float(), eps).to(ids.device)[:, None]  # (B, 1)
     u = torch.rand(B, T, generator=generator, device=gen_device).to(ids.device)  # (B, T)
     masked = u < p

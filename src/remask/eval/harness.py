@@ -35,6 +35,7 @@ from remask.eval.perplexity import rolling_windows
 from remask.eval.scoring import Scorer, ScoringConfig
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig, generate
+from remask.sampling.engine import generate_fast
 from remask.sampling.requests import SETTINGS, answer_positions, check_names, sampler_from_fields
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -169,6 +170,10 @@ class RemaskLM(LM):
                 continue
             L = len(continuation)
             sampler = SamplerConfig(gen_length=L, steps=L, remasking="low_confidence", stop_at_eos=False)
-            x = generate(self.scorer.model_fn, ids[:, :len(context)], sampler, mask_id=self.tokenizer.mask_id)
+            if self.model.config.attention == "block":  # its own blocks, on its grid (the engine's block path)
+                x, _ = generate_fast(self.model, ids[:, :len(context)], sampler, mask_id=self.tokenizer.mask_id,
+                                     vocab_size=self.model.config.vocab_size)
+            else:
+                x = generate(self.scorer.model_fn, ids[:, :len(context)], sampler, mask_id=self.tokenizer.mask_id)
             out.append(x[0, len(context):].tolist() == continuation)
         return out

@@ -7,6 +7,9 @@ uses (perplexity, choice tasks, the lm-evaluation-harness model).
   every mask subset when that costs no more forward rows than sampling would (2^L - 1 <= mc_num:
   a one-token answer is a single masked position), otherwise estimated by Monte Carlo with its
   standard error (`diffusion.mc_log_likelihood`).
+- A block diffusion model: the NELBO, a sum over the continuation's blocks (starting on a block
+  boundary) of each block's bound given the clean blocks before it; exact by enumeration when
+  that is no dearer than sampling, else by Monte Carlo (`diffusion.block`).
 
 A context longer than the model's window keeps its end.
 """
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from remask.config import ConfigBase, setting
 from remask.diffusion import exact_log_likelihood_bound, mc_log_likelihood
+from remask.diffusion.block import block_log_likelihood, exact_block_bound
 from remask.diffusion.likelihood import MAX_EXACT_LENGTH, token_log_probs
 from remask.errors import RemaskError
 from remask.model import Transformer
@@ -63,8 +67,13 @@ class Scorer:
         self.causal = model.config.causal
         if not self.causal and mask_id is None:
             raise RemaskError("a diffusion model needs a mask token to be scored; its tokenizer has none")
+        block = model.config.attention == "block"
+        if block and scoring.cfg_scale:
+            raise RemaskError("a block model's likelihood takes no classifier-free guidance (cfg_scale 0)")
         self.mask_id, self.bos_id = mask_id, bos_id
-        self.max_len = model.config.max_sequence_length
+        self.block_length = model.config.block_length if block else None
+        # A block model's rows are shifted onto its block grid: up to block_length - 1 positions.
+        self.max_len = model.config.max_sequence_length - (self.block_length - 1 if block else 0)
         self.device = next(model.parameters()).device
 
     def model_fn(self, ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -92,7 +101,7 @@ class Scorer:
         fitted = [self.fit(c, x) for c, x in requests]
         if self.causal:
             return self._score_causal(fitted)
-        return [self._score_diffusion(c, x) for c, x in fitted]
+        return [(self._score_diffusion if self.block_length is None else self._score_block)(c, x) for c, x in fitted]
 
     def _score_causal(self, requests: list[tuple[list[int], list[int]]]) -> list[Score]:
         out: list[Score | None] = [None] * len(requests)
@@ -121,12 +130,31 @@ class Scorer:
             value = exact_log_likelihood_bound(self.model_fn, prompt, answer, mask_id=self.mask_id,
                                                cfg_scale=s.cfg_scale)
             return Score(value, 0.0, 0, L)
-        mc_num = math.ceil(s.mc_num / s.batch_size) * s.batch_size
-        # Masks drawn from (seed, request): a score never depends on the order or batching of requests.
-        key = hashlib.blake2b(repr((s.seed, context, continuation)).encode(), digest_size=8).digest()
-        generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(key, "little") >> 1)
-        est = mc_log_likelihood(self.model_fn, prompt, answer, mask_id=self.mask_id, mc_num=mc_num,
-                                batch_size=s.batch_size, cfg_scale=s.cfg_scale, generator=generator)
+        est = mc_log_likelihood(self.model_fn, prompt, answer, mask_id=self.mask_id, mc_num=self.mc_num,
+                                batch_size=s.batch_size, cfg_scale=s.cfg_scale,
+                                generator=self.request_generator(context, continuation))
+        return Score(est.log_likelihood, est.stderr, est.num_samples, L)
+
+    @property
+    def mc_num(self) -> int:
+        return math.ceil(self.scoring.mc_num / self.scoring.batch_size) * self.scoring.batch_size
+
+    def request_generator(self, context: list[int], continuation: list[int]) -> torch.Generator:
+        """Masks drawn from (seed, request): a score never depends on the order or batching of requests."""
+        key = hashlib.blake2b(repr((self.scoring.seed, context, continuation)).encode(), digest_size=8).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(key, "little") >> 1)
+
+    def _score_block(self, context: list[int], continuation: list[int]) -> Score:
+        prompt = torch.tensor(context, dtype=torch.long, device=self.device)
+        answer = torch.tensor(continuation, dtype=torch.long, device=self.device)
+        L, B, V = len(continuation), self.block_length, self.model.config.vocab_size
+        sizes = [min(B, L - a) for a in range(0, L, B)]
+        if max(sizes) <= MAX_EXACT_LENGTH and sum(2**n - 1 for n in sizes) <= self.scoring.mc_num:
+            value = exact_block_bound(self.model, prompt, answer, B, mask_id=self.mask_id, vocab_size=V)
+            return Score(value, 0.0, 0, L)
+        est = block_log_likelihood(self.model, prompt, answer, B, mask_id=self.mask_id, mc_num=self.mc_num,
+                                   batch_size=self.scoring.batch_size, vocab_size=V,
+                                   generator=self.request_generator(context, continuation))
         return Score(est.log_likelihood, est.stderr, est.num_samples, L)
 
 

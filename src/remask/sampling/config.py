@@ -27,7 +27,8 @@ class SamplerConfig(ConfigBase):
     steps: int = setting(128, gt=0)
     """Sampling steps in total, divided evenly among the blocks."""
     block_length: int | None = setting(None, gt=0)
-    """Semi-autoregressive block length (None: one block of gen_length)."""
+    """Semi-autoregressive block length (None: one block of gen_length). A block diffusion model
+    decodes in its own blocks and always with its exact cache: block_length and cache do not apply."""
     temperature: float = setting(0.0, ge=0)
     """Gumbel-max sampling temperature; 0 is greedy."""
     remasking: RemaskingName = "low_confidence"

@@ -216,8 +216,8 @@ def read_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict]:
 def check_same_model(checkpoint: Path, expected) -> None:
     """Refuse to resume a run whose checkpoint holds a different architecture."""
     saved = load_config(checkpoint)
-    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "effective_n_kv_heads", "mlp_hidden_size", "causal",
-            "weight_tying")
+    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "effective_n_kv_heads", "mlp_hidden_size", "attention",
+            "block_length", "weight_tying")
     diffs = [f"{k} {getattr(saved, k)} != {getattr(expected, k)}" for k in keys if getattr(saved, k) != getattr(expected, k)]
     if diffs:
         raise RemaskError(f"cannot resume from {checkpoint}: it holds a different model ({'; '.join(diffs)})")

@@ -22,7 +22,7 @@ import yaml
 from remask.config import ARCHITECTURE_FIELDS, PRESETS, SEED_LIMIT, ConfigBase, ModelConfig, preset, setting
 from remask.errors import ConfigError
 
-Objective = Literal["mdm", "ar"]
+Objective = Literal["mdm", "ar", "bd"]
 
 
 def short(name: str) -> Any:
@@ -184,21 +184,39 @@ class RunConfig(ConfigBase):
 # --- the two workflows --------------------------------------------------------------------------------
 
 
+def check_noise(cfg: ConfigBase) -> None:
+    """The cross-field rules the two workflows share: a block length only for block diffusion, and a
+    non-empty range of t."""
+    cfg.need(cfg.block_length is None or cfg.objective == "bd", "block_length",
+             f"({cfg.block_length}) is for --objective bd only (objective is {cfg.objective!r})")
+    cfg.need(cfg.t_min < cfg.t_max, "t_min", f"({cfg.t_min:g}) must be below t_max ({cfg.t_max:g})")
+
+
 @dataclass(frozen=True)
 class PretrainConfig(ConfigBase):
     """Pretraining (LLaDA section 2.3) of a masked diffusion LM, or of its autoregressive twin."""
 
     objective: Objective = "mdm"
-    """mdm: the masked-diffusion objective; ar: the autoregressive twin (causal mask, next-token loss)."""
+    """mdm: the masked-diffusion objective; ar: the autoregressive twin (causal mask, next-token loss);
+    bd: block diffusion (BD3-LM: blocks of --block-length, masked diffusion inside, causal across)."""
+    block_length: int | None = setting(None, gt=0)
+    """bd: positions per block (L'); with --model.init_from a block model, its own by default."""
     mask_eps: float = setting(1e-3, gt=0, lt=1)
     """eps of the mask probability p = (1 - eps) t + eps."""
     t_sampling: Literal["uniform", "stratified"] = "uniform"
     """How a batch's diffusion times t are drawn: uniform (independent, the paper) or stratified
     (one per stratum of [0, 1), each still uniform: an unbiased loss of lower variance)."""
+    t_min: float = setting(0.0, ge=0, lt=1)
+    """Training draws t from [t_min, t_max] (BD3-LM's clipped schedule: less gradient variance);
+    validation always reports the bound, t on [0, 1]."""
+    t_max: float = setting(1.0, gt=0, le=1)
     model: ModelSection = field(default_factory=ModelSection)
     data: CorpusData = field(default_factory=CorpusData)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> None:
+        check_noise(self)
 
 
 @dataclass(frozen=True)
@@ -208,14 +226,23 @@ class SFTConfig(ConfigBase):
     model: Path | None = None
     """The pretrained model directory to fine-tune (its weights and tokenizer)."""
     objective: Objective = "mdm"
-    """mdm: the SFT objective (prompt never masked); ar: the AR twin's answer-only next-token loss."""
+    """mdm: the SFT objective (prompt never masked); ar: the AR twin's answer-only next-token loss;
+    bd: block diffusion over the answer's blocks (the prompt clean)."""
+    block_length: int | None = setting(None, gt=0)
+    """bd: positions per block (L'); a block model's own by default."""
     mask_eps: float = setting(1e-3, gt=0, lt=1)
     t_sampling: Literal["uniform", "stratified"] = "uniform"
     """How a batch's diffusion times t are drawn: uniform (independent, the paper) or stratified
     (one per stratum of [0, 1), each still uniform: an unbiased loss of lower variance)."""
+    t_min: float = setting(0.0, ge=0, lt=1)
+    """Training draws t from [t_min, t_max] (BD3-LM's clipped schedule); validation uses [0, 1]."""
+    t_max: float = setting(1.0, gt=0, le=1)
     data: DialogueData = field(default_factory=DialogueData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, max_steps=500, warmup_steps=50))
     run: RunConfig = field(default_factory=lambda: RunConfig(out=Path("runs/sft")))
+
+    def check(self) -> None:
+        check_noise(self)
 
 
 TrainConfig = PretrainConfig | SFTConfig

@@ -38,7 +38,7 @@ from remask.train.checkpointing import (
     write_final,
 )
 from remask.train.config import OptimConfig, RunConfig
-from remask.train.objectives import OBJECTIVES, Batch, ObjectiveName, Task, batch_tokens
+from remask.train.objectives import OBJECTIVES, Batch, Noise, ObjectiveName, Task, batch_tokens
 from remask.train.optim import build_optimizer, scheduled_lr
 
 
@@ -48,7 +48,7 @@ class TrainJob:
 
     task: Task
     objective: ObjectiveName
-    mask_eps: float
+    noise: Noise  # the forward process (mask id, eps, how t is drawn, block length)
     optim: OptimConfig
     run: RunConfig
     config: dict[str, Any]  # the workflow's whole configuration (config.yaml, trainer state)
@@ -58,7 +58,6 @@ class TrainJob:
     batch_fn: Callable[[int], Batch]  # the global batch of a step (CPU tensors)
     val_batches: list[Batch]  # held-out micro-batches (empty: no validation)
     describe: str = ""
-    t_sampling: str = "uniform"  # how a batch's diffusion times are drawn (config: t_sampling)
     data: dict[str, str] | None = None  # what it trains on (checkpointing.data_record); checked on resume
 
 
@@ -83,9 +82,7 @@ def validation_fn(job: TrainJob) -> Callable[[nn.Module], dict[str, float]] | No
         for start, batch in zip(starts, job.val_batches):
             generator = step_generator(job.run.seed, start, Stream.VALIDATION)
             for _ in range(objective.validation_draws):
-                inputs = objective.make_inputs(batch, mask_id=job.tokenizer.mask_id, eps=job.mask_eps,
-                                               stratified=job.t_sampling == "stratified",
-                                               generator=generator)
+                inputs = objective.make_inputs(batch, job.noise.full_range(), generator)
                 with autocast(job.run.precision, job.info.device):
                     total += objective.loss(model, inputs.to(job.info.device)).item() * len(batch)
                 weight += len(batch)
@@ -143,9 +140,7 @@ def train_step(job: TrainJob, model: nn.Module, forward_model: nn.Module, optimi
     for group in optimizer.param_groups:
         group["lr"] = lr
     batch = job.batch_fn(step)
-    inputs = objective.make_inputs(batch, mask_id=job.tokenizer.mask_id, eps=job.mask_eps,
-                                   stratified=job.t_sampling == "stratified",
-                                   generator=step_generator(run.seed, step, Stream.MASKS))
+    inputs = objective.make_inputs(batch, job.noise, step_generator(run.seed, step, Stream.MASKS))
     mine = inputs.rows(slice(info.rank * per_rank, (info.rank + 1) * per_rank))
     loss_value = 0.0
     for m in range(accum):

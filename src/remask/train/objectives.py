@@ -1,7 +1,8 @@
 """The training objectives: a table keyed by (task, objective) of (make_inputs, loss) pairs over
 typed batch records. Training and validation both go through it, so they cannot drift apart.
 
-`make_inputs` draws all randomness for a whole global batch at once (so every distributed rank
+Three objectives: LLaDA's masked diffusion (mdm), the AR twin's next-token loss (ar) and block
+diffusion (bd, BD3-LM). `make_inputs` draws all randomness for a whole global batch at once (so every distributed rank
 and every micro-batch split sees the masks a single process would); `loss` computes the loss of
 any row slice of those inputs (`inputs.rows(slice)`).
 """
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from remask.diffusion import ar_loss, forward_mask, mdm_loss, sft_loss
+from remask.diffusion.block import answer_offsets, block_forward_mask, row_positions, two_stream_logits
 
 Task = Literal["pretrain", "sft"]
-ObjectiveName = Literal["mdm", "ar"]
+ObjectiveName = Literal["mdm", "ar", "bd"]
 
 
 class Rows:
@@ -83,36 +85,75 @@ class NextTokenInputs(Rows):
     loss_mask: Tensor | None = None  # (B, L) target positions that count (SFT: the answers)
 
 
-Inputs = MaskedInputs | NextTokenInputs
+@dataclass(frozen=True)
+class BlockInputs(MaskedInputs):
+    """Block diffusion's forward process applied: p per position (its block's rate), and the rotary
+    positions that place each row on the block grid."""
+
+    positions: Tensor | None = None  # (B, L)
+    block_length: int = 1  # L'
 
 
-def pretrain_mdm_inputs(batch: TextBatch, *, mask_id: int, eps: float, stratified: bool = False,
-                        generator: torch.Generator | None) -> MaskedInputs:
-    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, stratified=stratified,
-                                    generator=generator)  # eq. (3)
+Inputs = MaskedInputs | NextTokenInputs | BlockInputs
+
+
+@dataclass(frozen=True)
+class Noise:
+    """How the forward process corrupts a batch (the objective ignores what it does not use)."""
+
+    mask_id: int
+    eps: float = 1e-3  # p = (1 - eps) t + eps
+    stratified: bool = False  # t one per stratum of the range (an unbiased, lower-variance draw)
+    t_range: tuple[float, float] = (0.0, 1.0)  # t ~ U[t_range]; narrower: BD3-LM's clipped schedule
+    block_length: int | None = None  # block diffusion's L'
+
+    def full_range(self) -> Noise:
+        """The same noise with t on all of [0, 1]: the likelihood bound (validation reports it)."""
+        return dataclasses.replace(self, t_range=(0.0, 1.0))
+
+
+def prompt_mask(batch: DialogueBatch) -> Tensor:
+    """(B, L) True on each row's prompt positions."""
+    return torch.arange(batch.ids.shape[1], device=batch.ids.device)[None, :] < batch.prompt_lengths[:, None]
+
+
+def pretrain_mdm_inputs(batch: TextBatch, noise: Noise, generator: torch.Generator | None) -> MaskedInputs:
+    noisy, masked, p = forward_mask(batch.ids, mask_id=noise.mask_id, eps=noise.eps, stratified=noise.stratified,
+                                    t_range=noise.t_range, generator=generator)  # eq. (3)
     return MaskedInputs(batch.ids, noisy, masked, p)
 
 
-def sft_mdm_inputs(batch: DialogueBatch, *, mask_id: int, eps: float, stratified: bool = False,
-                   generator: torch.Generator | None) -> MaskedInputs:
+def sft_mdm_inputs(batch: DialogueBatch, noise: Noise, generator: torch.Generator | None) -> MaskedInputs:
     # Section 2.3: the prompt is never masked; EOS padding counts as answer.
-    L = batch.ids.shape[1]
-    prompt = torch.arange(L, device=batch.ids.device)[None, :] < batch.prompt_lengths[:, None]  # (B, L)
-    noisy, masked, p = forward_mask(batch.ids, mask_id=mask_id, eps=eps, maskable=~prompt, stratified=stratified,
-                                    generator=generator)
-    return MaskedInputs(batch.ids, noisy, masked, p, L - batch.prompt_lengths)
+    noisy, masked, p = forward_mask(batch.ids, mask_id=noise.mask_id, eps=noise.eps, maskable=~prompt_mask(batch),
+                                    stratified=noise.stratified, t_range=noise.t_range, generator=generator)
+    return MaskedInputs(batch.ids, noisy, masked, p, batch.ids.shape[1] - batch.prompt_lengths)
 
 
-def pretrain_ar_inputs(batch: TextBatch, *, mask_id: int, eps: float, stratified: bool = False,
-                       generator: torch.Generator | None) -> NextTokenInputs:
+def pretrain_ar_inputs(batch: TextBatch, noise: Noise, generator: torch.Generator | None) -> NextTokenInputs:
     return NextTokenInputs(batch.ids)
 
 
-def sft_ar_inputs(batch: DialogueBatch, *, mask_id: int, eps: float, stratified: bool = False,
-                  generator: torch.Generator | None) -> NextTokenInputs:
-    L = batch.ids.shape[1]
-    prompt = torch.arange(L, device=batch.ids.device)[None, :] < batch.prompt_lengths[:, None]
-    return NextTokenInputs(batch.ids, ~prompt & ~batch.pad_mask)  # the AR twin does not learn the padding
+def sft_ar_inputs(batch: DialogueBatch, noise: Noise, generator: torch.Generator | None) -> NextTokenInputs:
+    return NextTokenInputs(batch.ids, ~prompt_mask(batch) & ~batch.pad_mask)  # the AR twin does not learn the padding
+
+
+def pretrain_bd_inputs(batch: TextBatch, noise: Noise, generator: torch.Generator | None) -> BlockInputs:
+    # Packed text: documents start anywhere in a row, so the grid starting at 0 covers every alignment.
+    positions = row_positions(batch.ids.shape[1], torch.zeros(len(batch), dtype=torch.long, device=batch.ids.device))
+    noisy, masked, p = block_forward_mask(batch.ids, positions, noise.block_length, mask_id=noise.mask_id, eps=noise.eps,
+                                          t_range=noise.t_range, stratified=noise.stratified, generator=generator)
+    return BlockInputs(batch.ids, noisy, masked, p, positions=positions, block_length=noise.block_length)
+
+
+def sft_bd_inputs(batch: DialogueBatch, noise: Noise, generator: torch.Generator | None) -> BlockInputs:
+    # The answer starts on a block boundary (as the sampler decodes it); the prompt is never masked.
+    positions = row_positions(batch.ids.shape[1], answer_offsets(batch.prompt_lengths, noise.block_length))
+    noisy, masked, p = block_forward_mask(batch.ids, positions, noise.block_length, mask_id=noise.mask_id, eps=noise.eps,
+                                          t_range=noise.t_range, maskable=~prompt_mask(batch),
+                                          stratified=noise.stratified, generator=generator)
+    return BlockInputs(batch.ids, noisy, masked, p, batch.ids.shape[1] - batch.prompt_lengths, positions,
+                       noise.block_length)
 
 
 def pretrain_mdm_loss(model: nn.Module, inputs: MaskedInputs) -> Tensor:
@@ -127,9 +168,21 @@ def next_token_loss(model: nn.Module, inputs: NextTokenInputs) -> Tensor:
     return ar_loss(model(inputs.ids), inputs.ids, inputs.loss_mask)
 
 
+def block_logits(model: nn.Module, inputs: BlockInputs) -> Tensor:
+    return two_stream_logits(model, inputs.noisy, inputs.ids, inputs.positions, inputs.block_length)
+
+
+def pretrain_bd_loss(model: nn.Module, inputs: BlockInputs) -> Tensor:
+    return mdm_loss(block_logits(model, inputs), inputs.ids, inputs.masked, inputs.p)  # BD3-LM eq. (7)
+
+
+def sft_bd_loss(model: nn.Module, inputs: BlockInputs) -> Tensor:
+    return sft_loss(block_logits(model, inputs), inputs.ids, inputs.masked, inputs.p, inputs.answer_lengths)
+
+
 @dataclass(frozen=True)
 class Objective:
-    make_inputs: Callable[..., Inputs]  # (batch, *, mask_id, eps, stratified, generator) -> inputs
+    make_inputs: Callable[[Batch, Noise, torch.Generator | None], Inputs]
     loss: Callable[[nn.Module, Inputs], Tensor]
     validation_draws: int  # mask draws per held-out batch when validating (1: nothing is random)
 
@@ -139,4 +192,6 @@ OBJECTIVES: dict[tuple[Task, ObjectiveName], Objective] = {
     ("pretrain", "ar"): Objective(pretrain_ar_inputs, next_token_loss, validation_draws=1),
     ("sft", "mdm"): Objective(sft_mdm_inputs, sft_mdm_loss, validation_draws=4),
     ("sft", "ar"): Objective(sft_ar_inputs, next_token_loss, validation_draws=1),
+    ("pretrain", "bd"): Objective(pretrain_bd_inputs, pretrain_bd_loss, validation_draws=4),
+    ("sft", "bd"): Objective(sft_bd_inputs, sft_bd_loss, validation_draws=4),
 }

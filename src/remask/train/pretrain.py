@@ -19,7 +19,7 @@ from remask.train.checkpointing import check_resume_data, data_record, latest_ch
 from remask.train.config import PretrainConfig
 from remask.train.loop import TrainJob, split_sizes, train
 from remask.train.objectives import TextBatch
-from remask.train.setup import build_run_model, micro_batch_size, start
+from remask.train.setup import build_run_model, micro_batch_size, noise, start
 
 
 def run_tokenizer(cfg: PretrainConfig, docs: list[str]) -> Tokenizer:
@@ -59,7 +59,7 @@ def setup(cfg: PretrainConfig) -> TrainJob:
         D.barrier(info)
     architecture = None if cfg.model.init_from else cfg.model.build(tokenizer.special_ids, tokenizer.vocab_size)
     model = build_run_model(architecture, cfg.model.init_from, cfg.objective, seq_len=cfg.data.seq_len,
-                            seed=cfg.run.seed, device=info.device)
+                            seed=cfg.run.seed, device=info.device, block_length=cfg.block_length)
     split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
     ends = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
     packed = PackedBatches(training_rows(splits.train, cfg.data.seq_len, cfg.data.packing, **ends, seed=cfg.run.seed),
@@ -73,8 +73,8 @@ def setup(cfg: PretrainConfig) -> TrainJob:
     rows = validation_rows(splits.val, cfg.data.seq_len, cfg.run.val_batches * micro, cfg.data.packing, **ends)
     val_batches = [TextBatch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     describe = f"{cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
-    return TrainJob("pretrain", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer,
-                    info, batch_fn, val_batches, describe, t_sampling=cfg.t_sampling, data=data)
+    return TrainJob("pretrain", cfg.objective, noise(cfg, tokenizer, model), cfg.optim, cfg.run, cfg.to_dict(), model,
+                    tokenizer, info, batch_fn, val_batches, describe, data=data)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

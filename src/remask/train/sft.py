@@ -18,7 +18,7 @@ from remask.train.checkpointing import check_resume_data, data_record
 from remask.train.config import SFTConfig
 from remask.train.loop import TrainJob, split_sizes, train
 from remask.train.objectives import DialogueBatch
-from remask.train.setup import build_run_model, micro_batch_size, start
+from remask.train.setup import build_run_model, micro_batch_size, noise, start
 
 
 def split_examples(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -46,7 +46,7 @@ def setup(cfg: SFTConfig) -> TrainJob:
     check_resume_data(cfg.run, data)  # other dialogues on --resume: refused before anything is written
     train_examples, val_examples = split_examples(examples, cfg.data.val_fraction, cfg.run.seed)
     model = build_run_model(None, cfg.model, cfg.objective, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
-                            device=info.device)
+                            device=info.device, block_length=cfg.block_length)
     split_sizes(cfg.optim, info)  # bad batch sizes fail before the run directory is made
     batches = SFTBatches(train_examples, cfg.optim.batch_size, seed=cfg.run.seed, pad_id=tokenizer.pad_id,
                          group_by_length=cfg.data.group_by_length)
@@ -54,9 +54,8 @@ def setup(cfg: SFTConfig) -> TrainJob:
     val_batches = [DialogueBatch(*sft_batch(val_examples[i:i + micro], pad_id=tokenizer.pad_id))
                    for i in range(0, len(val_examples), micro)]
     describe = f"sft {cfg.objective} {model.config.num_parameters() / 1e6:.1f}M"
-    return TrainJob("sft", cfg.objective, cfg.mask_eps, cfg.optim, cfg.run, cfg.to_dict(), model, tokenizer, info,
-                    lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe,
-                    t_sampling=cfg.t_sampling, data=data)
+    return TrainJob("sft", cfg.objective, noise(cfg, tokenizer, model), cfg.optim, cfg.run, cfg.to_dict(), model,
+                    tokenizer, info, lambda step: DialogueBatch(*batches.batch(step)), val_batches, describe, data=data)
 
 
 def sft(cfg: SFTConfig) -> Path:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from remask.diffusion.block import answer_offsets
 from remask.errors import RemaskError, check_fits
 from remask.sampling.config import SamplerConfig
 from remask.sampling.engine.reveal import reveal
@@ -16,6 +17,11 @@ from remask.sampling.engine.runner import PASSES, Runner
 from remask.sampling.engine.scheduler import plan
 from remask.sampling.generate import StepInfo, anchor_id, append_masks, check_prompt
 from remask.sampling.schedule import block_slices
+
+
+def block_grid(prompt_len: int, block_length: int) -> int:
+    """The first rotary position of a block model's row: the answer starts on a block boundary."""
+    return int(answer_offsets(torch.tensor(prompt_len), block_length))
 
 
 class Engine:
@@ -29,6 +35,7 @@ class Engine:
         self.eos_ids = list(eos_ids)
         config = getattr(model, "config", None)
         self.max_length = max_length if max_length is not None else getattr(config, "max_sequence_length", None)
+        self.block_length = config.block_length if getattr(config, "attention", "full") == "block" else None
         self.rows: list[Row] = []
         self.stats = SamplingStats()
         self.runner = Runner(model, mask_id=mask_id, stats=self.stats)
@@ -50,6 +57,8 @@ class Engine:
             on_step: Callable[[StepInfo], None] | None = None) -> Row:
         """A new row: its prompt ids (no padding) and its own settings; it starts at the next step.
         RemaskError when prompt + sampler.gen_length exceeds the context."""
+        if self.block_length is not None:
+            return self._add_blocks(prompt, sampler, generator, on_step)
         if sampler.cfg_scale and sampler.cache != "none":
             raise RemaskError("classifier-free guidance needs two caches; use cfg_scale with cache none")
         prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
@@ -57,6 +66,25 @@ class Engine:
         check_prompt(prompt[None], None, self.mask_id)
         seq = append_masks(prompt[None], None, sampler.gen_length, self.mask_id, anchor_id(sampler, self.eos_ids))[0][0]
         return self._admit(Row(seq, prompt.numel(), sampler, generator, self._stop_ids(), on_step))
+
+    def _add_blocks(self, prompt: Sequence[int] | Tensor, sampler: SamplerConfig, generator: torch.Generator | None,
+                    on_step: Callable[[StepInfo], None] | None) -> Row:
+        """A block model's row: the answer's blocks of the model's block length (the last cut at
+        sampler.gen_length, a limit; sampler.block_length and cache do not apply), decoded left to
+        right with the exact cache (see `runner`);
+        each block takes its share of sampler.steps (steps per gen_length positions, at least one
+        per block) and ends the row where an end-of-text is revealed with everything before it."""
+        L = self.block_length
+        if sampler.cfg_scale or sampler.anchor_eos:
+            raise RemaskError("a block model takes no classifier-free guidance and no end-of-text anchor")
+        prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
+        grid = block_grid(prompt.numel(), L)
+        self.check_length(prompt.numel() + grid, sampler.gen_length)
+        check_prompt(prompt[None], None, self.mask_id)
+        seq = torch.cat([prompt, prompt.new_full((sampler.gen_length,), self.mask_id)])
+        row = Row(seq, prompt.numel(), sampler, generator, self._stop_ids(), on_step, grid=grid)
+        row.steps_per_block = min(L, max(1, round(sampler.steps * L / sampler.gen_length)))
+        return self._admit(row, [slice(a, min(a + L, seq.numel())) for a in range(prompt.numel(), seq.numel(), L)])
 
     def add_infill(self, ids: Sequence[int] | Tensor, region: slice, sampler: SamplerConfig, *,
                    generator: torch.Generator | None = None,
@@ -82,9 +110,10 @@ class Engine:
     def _stop_ids(self) -> Tensor:
         return torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
 
-    def _admit(self, row: Row) -> Row:
+    def _admit(self, row: Row, blocks: list[slice] | None = None) -> Row:
         row.reveal_step = torch.full_like(row.seq, -1)
-        row.blocks = block_slices(row.prompt_len, row.sampler.gen_length, row.sampler.effective_block_length)
+        row.blocks = blocks or block_slices(row.prompt_len, row.sampler.gen_length, row.sampler.effective_block_length)
+        row.steps_per_block = row.steps_per_block or row.sampler.steps_per_block
         row.next_block(0, self.mask_id)  # an infill region may start with text
         row.finished = row.block >= len(row.blocks)
         if not row.finished:

@@ -60,7 +60,7 @@ def choose(row: Row, logits: Tensor, *, mask_id: int, vocab_size: int) -> tuple[
     if sampler.parallel == "schedule":
         k = row.schedule[s:s + 1]
     else:
-        left = sampler.steps_per_block - s
+        left = row.steps_per_block - s
         at_least = (masked.sum(1) + left - 1) // left  # enough to finish the block in its steps
         probs = logits.double().softmax(-1)
         confidence = probs.gather(-1, x0[..., None])[..., 0]
@@ -78,14 +78,14 @@ def reveal(row: Row, logits: Tensor, *, mask_id: int, vocab_size: int) -> int:
     sampler, block = row.sampler, row.current
     x0, chosen = choose(row, logits, mask_id=mask_id, vocab_size=vocab_size)
     row.seq[block] = torch.where(chosen, x0, row.seq[block][None])[0]
-    step = row.block * sampler.steps_per_block + row.step_in_block
+    step = row.block * row.steps_per_block + row.step_in_block
     revealed = torch.zeros_like(row.seq, dtype=torch.bool)
     revealed[block] = chosen[0]
     row.reveal_step = row.reveal_step.masked_fill(revealed, step)
     row.step_in_block += 1
     ended = sampler.stop_at_eos and row.stop.numel() > 0 and bool(
         answers_ended(row.seq[None], row.prompt_len, row.stop, mask_id)[0])
-    if not (row.seq[block] == mask_id).any() or row.step_in_block == sampler.steps_per_block:
+    if not (row.seq[block] == mask_id).any() or row.step_in_block == row.steps_per_block:
         row.next_block(row.block + 1, mask_id)
     row.ended = ended
     row.finished = ended or row.block >= len(row.blocks)

@@ -49,7 +49,8 @@ class Row:
 
     Inside, the passes read and write its cache (see `runner`): `cache` holds the keys/values of
     the whole sequence from the full pass that started the current block (`fresh`), `past` the part
-    of it that the block's cached passes reuse (derived once per block, None until then)."""
+    of it that the block's cached passes reuse (derived once per block, None until then). A block
+    model's row (`grid` set) caches instead the exact keys/values of its finished positions."""
 
     seq: Tensor  # (L,) prompt + answer positions
     prompt_len: int
@@ -65,6 +66,9 @@ class Row:
     cache: KV | None = None  # (1, ...) keys and values of the whole sequence at the block's start
     past: KV | None = None  # the part of `cache` the current block's cached passes attend to
     fresh: bool = False  # the cache was refreshed for the current block
+    grid: int | None = None  # a block model's row: its rotary positions start here (None: another model)
+    cached_upto: int = 0  # a block model's row: positions [0, cached_upto) hold exact keys/values in `cache`
+    steps_per_block: int = 0  # the current block's share of the sampler's steps
     finished: bool = False
     ended: bool = False  # finished at an end-of-text
     passes: int = 0
@@ -77,7 +81,7 @@ class Row:
         return RowResult(self, self.seq.tolist(), self.reveal_step.tolist(), self.prompt_len, self.ended)
 
     def start_block(self, mask_id: int) -> None:
-        self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.sampler.steps_per_block)[0]
+        self.schedule = num_transfer_tokens((self.seq[self.current] == mask_id)[None], self.steps_per_block)[0]
         self.step_in_block, self.fresh, self.past = 0, False, None
 
     def next_block(self, first: int, mask_id: int) -> None:

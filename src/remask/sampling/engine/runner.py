@@ -9,9 +9,9 @@ name in `PASSES` (the scheduler names them; `Engine.step` runs whatever the plan
 - `cached`: the current block (`dual`), or the block and the masked suffix after it (`prefix`),
   against the cached keys/values of the rest, which are stale by what the block has revealed
   since the refresh (Fast-dLLM's caches); nothing kept.
-Block diffusion's exact cache fits the same protocol: recompute the current block (and the
-block just finished, whose keys/values are not cached yet), reuse the finished blocks before it,
-keep the finished block's keys/values.
+- `block` (a block model's rows): the current block and the block just finished (whose
+  keys/values are not cached yet) against the exact keys/values of the finished blocks before;
+  the finished block's keys/values are kept. Exact: nothing is approximated.
 
 The `Runner` runs a step's plan and holds what lives between steps: the batch of the cached rows'
 keys/values, stacked once when that set of rows (or one of their caches) changes and reused as it
@@ -215,3 +215,57 @@ class CachedPass:
 
 
 register(CachedPass())
+
+
+class BlockPass:
+    """A block model's rows (exact cache): each row's positions from its first uncached one to the
+    end of its current block -- the block just finished, not yet cached, and the current block --
+    against the exact keys/values of everything before; the finished positions' keys/values join
+    the cache. A finished block's keys/values are exact because under the block layout nothing
+    after it changes them. The first pass of a row runs its prompt too, and caches it."""
+
+    name = "block"
+
+    def spec(self, row: Row) -> PassSpec:
+        lo, hi, done = row.current.start, row.current.stop, row.cached_upto
+        return PassSpec(recompute=(slice(done, hi),), reuse=(slice(0, done),), logits=slice(lo, hi),
+                        keep=(slice(done, lo),) if lo > done else ())
+
+    def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
+        specs = [self.spec(r) for r in rows]
+        width = max(s.recompute[0].stop - s.recompute[0].start for s in specs)
+        n_block = max(s.logits.stop - s.logits.start for s in specs)
+        ids = torch.full((len(rows), width), runner.mask_id, dtype=torch.long, device=runner.device)
+        attn = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
+        at = torch.zeros(len(rows), n_block, dtype=torch.long, device=runner.device)  # (B, N) each row's block
+        for i, (r, s) in enumerate(zip(rows, specs)):
+            (span,) = s.recompute
+            n = span.stop - span.start
+            ids[i, :n], attn[i, :n] = r.seq[span], 1
+            positions[i] = r.grid + span.start + torch.arange(width, device=runner.device).clamp(max=n - 1)
+            lo = s.logits.start - span.start
+            at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=s.logits.stop - span.start - 1)
+        caches = [r.cache for r in rows]
+        past = None if all(c is None for c in caches) else runner.kept(self.name, caches, stack_caches)
+        want_kv = any(s.keep for s in specs)
+        out = runner.forward(ids, attn, positions, past=past, return_kv=want_kv, logits_at=at)
+        logits, kv = out if want_kv else (out, None)
+        for i, (r, s) in enumerate(zip(rows, specs)):
+            if s.keep:  # (1, ...) the finished positions, exact from now on
+                (keep,) = s.keep
+                new = kv.rows(torch.tensor([i], device=runner.device)).positions(slice(0, keep.stop - keep.start))
+                new.valid = None
+                r.cache = new if r.cache is None else r.cache.cat(new)
+                r.cached_upto = keep.stop
+        return {id(r): logits[i, :s.logits.stop - s.logits.start] for i, (r, s) in enumerate(zip(rows, specs))}
+
+
+def stack_caches(caches: list[KV | None]) -> KV:
+    """Rows' caches as one right-padded batch; a row with none yet (its first pass) gets an empty one."""
+    like = next(c for c in caches if c is not None)
+    empty = like.rows(torch.tensor([0], device=like.layers[0][0].device)).positions(slice(0, 0))
+    return KV.stack([empty if c is None else c for c in caches])
+
+
+register(BlockPass())

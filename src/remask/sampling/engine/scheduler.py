@@ -5,9 +5,8 @@ state alone (so a row's pass, and its answer, do not depend on what it is batche
 - `none`: a full pass at every step;
 - `prefix`, `dual`: a full pass when the block starts (it refreshes the cache), cached passes
   for the rest of the block.
-`plan` groups the rows by pass kind; `Engine.step` runs the plan and never names a kind. A third
-kind of pass (block diffusion's exact cache: finished blocks' keys/values reused, the current
-block recomputed) is one entry here and one `PassKind` registered in `runner.PASSES`.
+A block model's row takes the `block` pass at every step (its cache is exact, so it is always on).
+`plan` groups the rows by pass kind; `Engine.step` runs the plan and never names a kind.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ RULES: dict[str, Callable[[Row], str]] = {"none": full_always, "prefix": refresh
 
 
 def pass_kind(row: Row) -> str:
-    """The kind of pass `row` takes at this step."""
-    return RULES[row.sampler.cache](row)
+    """The kind of pass `row` takes at this step: a block model's row always takes the exact
+    block pass; other rows follow their cache setting."""
+    return "block" if row.grid is not None else RULES[row.sampler.cache](row)
 
 
 def plan(rows: list[Row], order: list[str]) -> Plan:
