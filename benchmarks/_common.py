@@ -135,6 +135,23 @@ def nll_per_char(pipe, requests: list[tuple[list[int], list[int]]]) -> list[floa
             for s, (_, cont) in zip(scores, requests)]
 
 
+def metrics_seconds(run: Path, until_step: int | None = None) -> float | None:
+    """Seconds of training a run's metrics.jsonl accounts for (each logged interval's tokens over
+    its tokens/s), however many sessions it took, up to `until_step` (None: all); None without metrics."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds, last = 0.0, 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if until_step is not None and row.get("step", 0) > until_step:
+            break
+        if "tokens_per_s" in row and row["tokens_per_s"] and row["tokens"] > last:
+            seconds += (row["tokens"] - last) / row["tokens_per_s"]
+            last = row["tokens"]
+    return seconds
+
+
 def write_result(name: str, settings: dict[str, Any], results: dict[str, Any], out: Path | None = None,
                  device: str = "cpu") -> Path:
     """Write the result JSON atomically (temp file, fsync, rename), print it, return its path."""

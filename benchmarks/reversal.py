@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, previous_results, run_main, write_result
+from _common import REPO_ROOT, RESULTS_DIR, ArgumentParser, metrics_seconds, previous_results, run_main, write_result
 from reversal_curve import curve, ordered, plot_curve, summary
 from reversal_eval import ablations, evaluate_all, plot_ablations, sampler_for, sentence_answers
 from reversal_train import (  # noqa: F401 (train_once: the tests')
-    metrics_seconds,
     pretrain_config,
     sft_config,
     train_once,

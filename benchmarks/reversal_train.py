@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from _common import metrics_seconds
 from reversal_eval import OBJECTIVES
 
 from remask.atomic import write_text
@@ -182,21 +183,6 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
         signal.signal(signal.SIGTERM, before)
     return ({objective: base, f"{objective}-sft": tuned},
             {f"{objective}_pretrain_s": pretrain_s, f"{objective}_sft_s": sft_s})
-
-
-def metrics_seconds(run: Path) -> float | None:
-    """Seconds of training a run's metrics.jsonl accounts for (each logged interval's tokens over
-    its tokens/s), however many sessions it took; None without metrics."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    seconds, last = 0.0, 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if "tokens_per_s" in row and row["tokens_per_s"] and row["tokens"] > last:
-            seconds += (row["tokens"] - last) / row["tokens_per_s"]
-            last = row["tokens"]
-    return seconds
 
 
 def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:

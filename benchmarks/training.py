@@ -32,7 +32,7 @@ from throughput import matmul_peak
 
 from remask.app.plot import plot_runs
 from remask.data.corpora import read_corpus
-from remask.data.packing import PackedBatches, Stream, step_generator
+from remask.data.packing import PackedBatches, Stream, step_generator, training_rows
 from remask.data.tokenize import corpus_tokenizer, prepare_tokens
 from remask.model import build_model
 from remask.train.config import CorpusData, ModelSection, OptimConfig, PretrainConfig, RunConfig
@@ -49,7 +49,8 @@ def cost(args) -> dict:
     docs = read_corpus(data.source)
     tok = corpus_tokenizer(data.source, docs, kind="char", vocab_size=data.vocab_size)
     splits = prepare_tokens(data.source, docs, tok)
-    packed = PackedBatches(splits.train, data.seq_len, args.batch_size, seed=0)
+    packed = PackedBatches(training_rows(splits.train, data.seq_len, "concat", bos_id=tok.bos_id, eos_id=tok.eos_id),
+                           args.batch_size, seed=0)
     model_cfg = ModelSection(preset=args.preset).build(tok.special_ids, tok.vocab_size)
     runs = {}
     for objective in ("mdm", "ar"):

@@ -196,3 +196,21 @@ def test_attention_bias_is_none_only_when_a_bidirectional_model_may_see_every_ke
     assert past[0, 0, :, 1].tolist() == [False] * 3 and past[1].all()
     causal = attention_bias(ones, causal_cfg, 3, torch.device("cpu"))
     assert causal is not None and causal[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_a_kv_buffer_is_extended_in_place_and_gives_the_uncached_logits():
+    """`KV.allocate`: token-by-token decoding into a preallocated buffer equals one pass over the
+    whole (left-padded) batch, and the buffer holds every position afterwards."""
+    from remask.model import KV
+
+    model = build_model(tiny(attention="causal"), seed=7)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    whole = model(ids, mask)
+    _, kv = model(ids[:, :6], mask[:, :6], return_kv=True)
+    buffer = KV.allocate(kv, 10)
+    for t in range(6, 10):
+        step = model(ids[:, t:t + 1], None, torch.tensor([t]), past=buffer)
+        torch.testing.assert_close(step[:, 0], whole[:, t], atol=1e-5, rtol=1e-5)
+    assert buffer.filled == buffer.length == 10 and buffer.valid_mask().tolist() == mask.bool().tolist()

@@ -272,10 +272,11 @@ def test_sentence_answers_restate_the_pair_as_read_and_still_need_the_unknown_ha
 
 def test_training_seconds_add_up_over_sessions_from_the_metrics(tmp_path):
     """A run resumed after a kill re-logs the steps after its checkpoint; each token interval counts once."""
-    train = bench_module("reversal_train")
+    common = bench_module("_common")
     rows = [{"step": 50, "tokens": 100, "tokens_per_s": 10.0}, {"step": 100, "tokens": 200, "tokens_per_s": 20.0},
             {"step": 100, "tokens": 200, "tokens_per_s": 5.0},  # logged again by the resumed session
             {"step": 150, "tokens": 300, "tokens_per_s": 50.0, "val_loss": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert train.metrics_seconds(tmp_path) == pytest.approx(10 + 5 + 2)
-    assert train.metrics_seconds(tmp_path / "nowhere") is None
+    assert common.metrics_seconds(tmp_path) == pytest.approx(10 + 5 + 2)
+    assert common.metrics_seconds(tmp_path, until_step=100) == pytest.approx(10 + 5)
+    assert common.metrics_seconds(tmp_path / "nowhere") is None

@@ -70,14 +70,17 @@ class KV:
 
     layers: list[tuple[Tensor, Tensor]]  # per layer: k, v of shape (B, Hkv, T, D)
     valid: Tensor | None = None
+    filled: int | None = None  # a buffer (`allocate`): only the first `filled` of its T positions hold entries
 
     @property
     def length(self) -> int:
-        return self.layers[0][0].shape[2]
+        return self.layers[0][0].shape[2] if self.filled is None else self.filled
 
     def valid_mask(self) -> Tensor:
         k = self.layers[0][0]
-        return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if self.valid is None else self.valid
+        if self.valid is None:
+            return torch.ones(k.shape[0], self.length, dtype=torch.bool, device=k.device)
+        return self.valid if self.filled is None else self.valid[:, :self.filled]
 
     def positions(self, index: Tensor | slice) -> KV:
         """The entries of some positions (an index or slice along T)."""
@@ -86,7 +89,22 @@ class KV:
 
     def rows(self, index: Tensor) -> KV:
         """The entries of some batch rows."""
-        return KV([(k[index], v[index]) for k, v in self.layers], None if self.valid is None else self.valid[index])
+        return KV([(k[index], v[index]) for k, v in self.layers], None if self.valid is None else self.valid[index],
+                  self.filled)
+
+    @staticmethod
+    def allocate(prefix: KV, capacity: int) -> KV:
+        """A buffer of `capacity` positions holding `prefix`: a forward pass given it as `past` writes its
+        own tokens' keys/values in place after the filled part instead of concatenating (AR decoding
+        then copies nothing per token)."""
+        layers = []
+        for k, v in prefix.layers:
+            kb, vb = k.new_zeros(*k.shape[:2], capacity, k.shape[3]), v.new_zeros(*v.shape[:2], capacity, v.shape[3])
+            kb[:, :, :k.shape[2]], vb[:, :, :v.shape[2]] = k, v
+            layers.append((kb, vb))
+        valid = torch.zeros(layers[0][0].shape[0], capacity, dtype=torch.bool, device=layers[0][0].device)
+        valid[:, :prefix.length] = prefix.valid_mask()
+        return KV(layers, valid, prefix.length)
 
     @staticmethod
     def stack(rows: list[KV]) -> KV:
@@ -126,15 +144,20 @@ class Attention(nn.Module):
         self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """(output, (k, v) of these tokens); `past` keys/values are attended to as well."""
+                past: tuple[Tensor, Tensor] | None = None,
+                filled: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(output, (k, v) of these tokens); `past` keys/values are attended to as well (a buffer
+        when `filled` is given: these tokens' keys/values are written into it after `filled`)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new = (k, v)
-        if past is not None:  # keys (B, Hkv, Tp + T, D): the cached positions first
+        if past is not None and filled is not None:  # a buffer: write in place, attend to its filled part
+            past[0][:, :, filled:filled + T], past[1][:, :, filled:filled + T] = k, v
+            k, v = past[0][:, :, :filled + T], past[1][:, :, :filled + T]
+        elif past is not None:  # keys (B, Hkv, Tp + T, D): the cached positions first
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head h reads KV head h // group
             group = self.n_heads // self.n_kv_heads
@@ -168,8 +191,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, causal, past)
+                past: tuple[Tensor, Tensor] | None = None,
+                filled: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, causal, past, filled)
         x = x + h
         return x + self.mlp(self.ff_norm(x)), kv
 
@@ -234,8 +258,8 @@ class Transformer(nn.Module):
         `positions` (T,), or (B, T) per row, are the rotary positions of `ids` (default
         0..T-1). Left padding needs no position shift: rotary attention depends only on relative
         positions. For caching: `past` holds keys/values of other positions the tokens attend to
-        as well (for the AR twin, earlier ones); `return_kv` also returns these tokens' own (a
-        `KV`, valid where `attention_mask` is); `logits_at` (an index or slice along T, or a
+        as well (for the AR twin, earlier ones; a buffer from `KV.allocate` is extended in place);
+        `return_kv` also returns these tokens' own (a `KV`, valid where `attention_mask` is); `logits_at` (an index or slice along T, or a
         (B, N) index per row) computes the output head only there. `mask` (B or 1, 1, T, T), True =
         may attend, replaces the layout's own (block diffusion's training pass over the noisy and
         the clean sequence together); no `attention_mask` or `past` with it.
@@ -257,9 +281,14 @@ class Transformer(nn.Module):
         x = self.wte(ids)  # (B, T, d)
         layers = []
         causal = self.config.attention == "causal"
+        filled = None if past is None else past.filled
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, mask, causal, None if past is None else past.layers[i])
+            x, kv = block(x, cos, sin, mask, causal, None if past is None else past.layers[i], filled)
             layers.append(kv)
+        if filled is not None:  # the buffer now holds these tokens too
+            if past.valid is not None:
+                past.valid[:, filled:filled + T] = True if attention_mask is None else attention_mask.bool()
+            past.filled = filled + T
         if isinstance(logits_at, Tensor) and logits_at.dim() == 2:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, d)
         elif logits_at is not None:

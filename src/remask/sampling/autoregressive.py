@@ -10,6 +10,7 @@ from torch import Tensor
 
 from remask.diffusion.guidance import ModelFn
 from remask.errors import RemaskError
+from remask.model import KV
 from remask.sampling.remasking import gumbel_argmax
 
 
@@ -63,6 +64,7 @@ def ar_generate_cached(model, prompt: Tensor, max_new_tokens: int, *, vocab_size
     out = torch.full((B, P + max_new_tokens), int(fill), dtype=torch.long, device=prompt.device)
     out[:, :P] = prompt
     logits, cache = model(prompt, attention_mask, return_kv=True, logits_at=slice(P - 1, P))
+    cache = KV.allocate(cache, P + max_new_tokens)  # each token's keys/values written in place, nothing copied
     passes, alive, length = 1, torch.arange(B, device=prompt.device), 0
     for t in range(max_new_tokens):
         nxt = next_tokens(logits[:, -1:, :vocab_size], temperature, generator, alive)  # (b,)
@@ -74,7 +76,6 @@ def ar_generate_cached(model, prompt: Tensor, max_new_tokens: int, *, vocab_size
         if alive.numel() == 0 or t == max_new_tokens - 1:
             break
         positions = torch.tensor([P + t], device=prompt.device)
-        logits, new = model(nxt[:, None], None, positions, past=cache, return_kv=True)
-        cache = cache.cat(new)
+        logits = model(nxt[:, None], None, positions, past=cache)
         passes += 1
     return out[:, :P + length], passes
