@@ -32,6 +32,8 @@ from sampling_tasks import (
     add_speedups,
     agreement,
     best_of,
+    block_methods,
+    block_models,
     char_accuracy,
     corpus_documents,
     cost_of,
@@ -53,10 +55,28 @@ from remask.sampling.engine import fill_masks_fast, generate_fast
 from remask.sampling.generate import fill_masks
 
 
-def run_method(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[int]], gen_length: int,
+def run_method(method: Method, pipes: dict[str, Pipeline], prompts: list[list[int]], gen_length: int,
                batch_size: int = 1, repeats: int = 1) -> tuple[list[list[int]], dict]:
     """Answers (ids up to and including the end-of-text) and the cost figures (`best_of`)."""
-    return best_of(method.name, repeats, lambda: run_once(method, pipe, ar, prompts, gen_length, batch_size))
+    return best_of(method.name, repeats, lambda: run_once(method, pipes[method.model], prompts, gen_length, batch_size))
+
+
+@torch.no_grad()
+def plain_kv_loop(model, prompt: torch.Tensor, attention: torch.Tensor | None, n: int, vocab_size: int,
+                  stops: list[int]) -> tuple[torch.Tensor, int]:
+    """The baseline for AR decoding: the textbook greedy KV-cache loop over the same model (prefill,
+    then one token at a time, each step's keys and values concatenated onto the cache), no batching
+    logic: (B, P + n') ids and its forward passes."""
+    logits, cache = model(prompt, attention, return_kv=True, logits_at=slice(-1, None))
+    out, P = [prompt], prompt.shape[1]
+    for t in range(n):
+        nxt = logits[:, -1, :vocab_size].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(nxt)
+        if t == n - 1 or all(int(x) in stops for x in nxt[:, 0]):
+            break
+        logits, new = model(nxt, None, torch.tensor([P + t], device=prompt.device), past=cache, return_kv=True)
+        cache = cache.cat(new)
+    return torch.cat(out, 1), len(out) - 1
 
 
 def run_infill(method: Method, pipe: Pipeline, cases: list[tuple[list[int], slice]], repeats: int = 1):
@@ -89,10 +109,9 @@ def run_infill(method: Method, pipe: Pipeline, cases: list[tuple[list[int], slic
     return best_of(method.name, repeats, once)
 
 
-def run_once(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[int]], gen_length: int,
+def run_once(method: Method, target: Pipeline, prompts: list[list[int]], gen_length: int,
              batch_size: int = 1) -> tuple[list[list[int]], dict]:
     answers, passes, wall = [], 0, 0.0
-    target = ar if method.sampler is None else pipe
     stops = target.stop_ids()
     calls = [0]
 
@@ -106,7 +125,9 @@ def run_once(method: Method, pipe: Pipeline, ar: Pipeline, prompts: list[list[in
         mask = None if len(chunk) == 1 else attention
         calls[0] = 0
         t0 = time.perf_counter()
-        if method.sampler is None and method.cached:
+        if method.plain:
+            x, n = plain_kv_loop(target.model, ids, mask, gen_length, target.model.config.vocab_size, stops)
+        elif method.sampler is None and method.cached:
             x, n = ar_generate_cached(target.model, ids, gen_length, vocab_size=target.model.config.vocab_size,
                                       eos_ids=stops, attention_mask=mask)
         elif method.sampler is None:
@@ -146,19 +167,31 @@ def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
 
 @dataclass
 class Bench:
-    """What every part reads: the options, the two twins and the documents they were pretrained on."""
+    """What every part reads: the options, the models by name (the two twins, the block models
+    beside them) and the documents they were pretrained on."""
 
     args: argparse.Namespace
-    pipe: Pipeline
-    ar: Pipeline
+    pipes: dict[str, Pipeline]
     docs: list[str]
+
+    @property
+    def pipe(self) -> Pipeline:
+        return self.pipes["mdm"]
+
+    @property
+    def ar(self) -> Pipeline:
+        return self.pipes["ar"]
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted(int(k[2:]) for k in self.pipes if k.startswith("bd"))
 
     def row(self, task: str, method: Method, length: int | None, batch_size: int, cost: dict, scores: dict,
             when: dict) -> dict:
         """One self-describing result row: task, method, sampler, model, settings, figures, commit and date."""
         row = {"method": method.name, "task": task, "gen_length": length, "batch_size": batch_size, **cost, **scores,
                "sampler": None if method.sampler is None else method.sampler.to_dict(),
-               "model": model_of(self.args.runs, method.name), "settings": task_settings(vars(self.args), task), **when}
+               "model": model_of(self.args.runs, method), "settings": task_settings(vars(self.args), task), **when}
         extra = f" x{row['speedup_vs_batch_1']:.2f} vs batch 1" if "speedup_vs_batch_1" in row else ""
         print(f"{task:<17} {method.name:<24} b{batch_size:<3} {cost['forward_passes']:>6} passes "
               f"{cost['tokens_per_forward']:6.2f} tok/pass {cost['tokens_per_s']:8.1f} tok/s "
@@ -170,7 +203,7 @@ class Bench:
         """Each method on the prompts one at a time, scored (score(answers, the reference's answers))."""
         rows, reference_answers, when = [], None, stamp()
         for m in method_list:
-            answers, cost = run_method(m, self.pipe, self.ar, prompts, length, repeats=self.args.repeats)
+            answers, cost = run_method(m, self.pipes, prompts, length, repeats=self.args.repeats)
             reference_answers = answers if m.name == REF else reference_answers
             rows.append(self.row(task, m, length, 1, cost, score(answers, reference_answers), when))
         return add_speedups(rows)
@@ -190,13 +223,14 @@ def part_free(b: Bench) -> list[dict]:
     def score(answers, ref):
         return {"accuracy": agreement(answers, ref or answers),
                 "ar_nll_per_char": statistics.fmean(nll_per_char(b.ar, [(p, x) for p, x in zip(prompts, answers) if x]))}
-    return b.measure("free", methods(a.gen_length, a.block_length), prompts, score, a.gen_length)
+    return b.measure("free", methods(a.gen_length, a.block_length) + block_methods(a.gen_length, b.blocks), prompts, score,
+                     a.gen_length)
 
 
 def part_memorised(b: Bench) -> list[dict]:
     a, L = b.args, b.args.gen_length
     prompts, truths = memorised_windows(b.pipe, b.docs, a.prompts, a.context, L, a.context + L)
-    return b.measure("memorised", methods(L, a.block_length), prompts, against(b, truths), L)
+    return b.measure("memorised", methods(L, a.block_length) + block_methods(L, b.blocks), prompts, against(b, truths), L)
 
 
 def part_memorised_short(b: Bench) -> list[dict]:
@@ -205,7 +239,8 @@ def part_memorised_short(b: Bench) -> list[dict]:
     n = pretrained_length(a.runs) - a.short_context
     prompts, truths = memorised_windows(b.pipe, b.docs, a.short_prompts, a.short_context, n, a.context + a.gen_length,
                                         shift=0.5)
-    return b.measure("memorised_short", methods(n, a.block_length) + short_blocks(n), prompts, against(b, truths), n)
+    return b.measure("memorised_short", methods(n, a.block_length) + short_blocks(n) + block_methods(n, b.blocks), prompts,
+                     against(b, truths), n)
 
 
 def part_thresholds(b: Bench) -> list[dict]:
@@ -236,7 +271,7 @@ def part_couplets(b: Bench) -> list[dict]:
                 answers, cost = run_infill(m, b.pipe, cases, repeats=a.repeats)
             else:
                 n = max(c[1].stop - c[1].start for c in cases)
-                answers, cost = run_method(m, b.pipe, b.ar, prefixes, n, repeats=a.repeats)
+                answers, cost = run_method(m, b.pipes, prefixes, n, repeats=a.repeats)
             accuracy = score_answers([tok.decode(x) for x in answers], golds)["accuracy"]
             rows.append(b.row(f"couplets_{direction}", m, None, 1, cost, {"accuracy": accuracy}, when))
         out += add_speedups(rows)
@@ -248,9 +283,10 @@ def part_batch(b: Bench) -> list[dict]:
     a, L = b.args, b.args.gen_length
     mixed = free_prompts(b.pipe, b.docs, a.batch, [16, 48, 80, 128])
     rows, when = [], stamp()
-    for m in [m for m in methods(L, a.block_length) if m.name in ("dual_threshold_0.9", "lossless", "ar_kv_cache")]:
-        alone_answers, alone = run_method(m, b.pipe, b.ar, mixed, L, batch_size=1, repeats=a.repeats)
-        batched_answers, batched = run_method(m, b.pipe, b.ar, mixed, L, batch_size=a.batch, repeats=a.repeats)
+    chosen = ("dual_threshold_0.9", "lossless", "ar_kv_cache", *(f"bd{n}_threshold_0.9" for n in b.blocks))
+    for m in [m for m in methods(L, a.block_length) + block_methods(L, b.blocks) if m.name in chosen]:
+        alone_answers, alone = run_method(m, b.pipes, mixed, L, batch_size=1, repeats=a.repeats)
+        batched_answers, batched = run_method(m, b.pipes, mixed, L, batch_size=a.batch, repeats=a.repeats)
         for size, cost, answers in ((1, alone, alone_answers), (a.batch, batched, batched_answers)):
             scores = {"accuracy": agreement(answers, alone_answers),
                       "speedup_vs_batch_1": cost["tokens_per_s"] / alone["tokens_per_s"], "speedup_vs_naive": None}
@@ -284,8 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    bench = Bench(args, Pipeline.load(args.runs / "mdm" / "final"), Pipeline.load(args.runs / "ar" / "final"),
-                  corpus_documents(args.runs))
+    names = ["mdm", "ar", *(f"bd{n}" for n in block_models(args.runs))]
+    bench = Bench(args, {name: Pipeline.load(args.runs / name / "final") for name in names}, corpus_documents(args.runs))
     rows = previous_results("sampling", args.out).get("methods", [])
     for name, part in PARTS.items():
         if name in args.parts:

@@ -22,6 +22,8 @@ class Method:
     sampler: SamplerConfig | None  # None: the AR twin
     fast: bool = True  # the fast sampler (False: the reference `generate`)
     cached: bool = True  # AR twin: with its KV cache
+    model: str = "mdm"  # whose answers: mdm (the diffusion twin), ar, or bdN (a block model of L' = N)
+    plain: bool = False  # AR twin: a plain KV-cache loop (the baseline remask's own decoding must beat)
 
 
 def methods(gen_length: int, block: int, thresholds=(0.9,)) -> list[Method]:
@@ -38,8 +40,27 @@ def methods(gen_length: int, block: int, thresholds=(0.9,)) -> list[Method]:
                 for name, cache in (("", "none"), ("prefix_", "prefix"), ("dual_", "dual"))]
     out += [Method("dual_factor_1", base.replace(cache="dual", parallel="factor", factor=1.0)),
             Method("dual_entropy_0.5", base.replace(cache="dual", parallel="entropy", entropy_bound=0.5)),
-            Method("ar_kv_cache", None), Method("ar_no_cache", None, cached=False)]
+            Method("ar_kv_cache", None, model="ar"), Method("ar_no_cache", None, cached=False, model="ar"),
+            Method("ar_plain_kv_loop", None, model="ar", plain=True)]
     return out
+
+
+def block_methods(gen_length: int, blocks: list[int], thresholds=(0.5, 0.7, 0.9)) -> list[Method]:
+    """Each block model (its exact cache always on): one token per step, threshold decoding and the
+    factor rule inside its blocks."""
+    base = SamplerConfig(gen_length=gen_length, steps=gen_length)
+    out = []
+    for n in blocks:
+        out.append(Method(f"bd{n}_one_per_step", base, model=f"bd{n}"))
+        out += [Method(f"bd{n}_threshold_{t}", base.replace(parallel="threshold", threshold=t), model=f"bd{n}")
+                for t in thresholds]
+        out.append(Method(f"bd{n}_factor_1", base.replace(parallel="factor", factor=1.0), model=f"bd{n}"))
+    return out
+
+
+def block_models(runs: Path) -> list[int]:
+    """The block lengths of the block models beside the twins (benchmarks/block.py --parts twins)."""
+    return sorted(int(p.parent.name[2:]) for p in Path(runs).glob("bd*/final") if p.parent.name[2:].isdigit())
 
 
 def short_blocks(gen_length: int, blocks=(8, 16), thresholds=(0.8, 0.9)) -> list[Method]:
@@ -181,9 +202,9 @@ def task_settings(args: dict, task: str) -> dict:
     return {"runs": str(args["runs"]), "repeats": args["repeats"]} | {k: args[k] for k in keys}
 
 
-def model_of(runs: Path | str, method: str) -> str:
-    """The model directory a method's answers come from: the AR twin's for `ar*`, else the diffusion model's."""
-    return str(Path(runs) / ("ar" if method.startswith("ar") else "mdm") / "final")
+def model_of(runs: Path | str, method: Method) -> str:
+    """The model directory a method's answers come from."""
+    return str(Path(runs) / method.model / "final")
 
 
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> float:

@@ -33,8 +33,8 @@ def tiny_runs(tmp_path_factory) -> Path:
     a pretraining length of 40), the corpus (one long document, then the poems) and two test pairs."""
     root = tmp_path_factory.mktemp("runs")
     tok = Tokenizer.train(POEM_LINES, kind="char")
-    for name, attention in (("mdm", "full"), ("ar", "causal")):
-        final = save_tiny_model(root / name / "final", tok, attention=attention)
+    for name, layout in (("mdm", {}), ("ar", {"attention": "causal"}), ("bd4", {"attention": "block", "block_length": 4})):
+        final = save_tiny_model(root / name / "final", tok, **layout)
         (final / "remask_training.json").write_text(json.dumps({"seq_len": 40}))
     (root / "corpus.txt").write_text("\n%\n".join(["".join(POEM_LINES), *POEM_LINES]), encoding="utf-8")
     pairs = [{"first": line[:6], "second": line[6:12]} for line in POEM_LINES[:2]]
@@ -84,11 +84,16 @@ def test_sampling_rows_keep_the_interface_layout(bench, tiny_runs, tmp_path):
     for row in record["results"]["methods"]:
         assert {"method", "gen_length", "batch_size", "forward_passes", "tokens_per_forward", "tokens_per_s", "accuracy",
                 "speedup_vs_naive", "task", "model", "settings", "commit", "date", "sampler"} <= set(row)
-        twin = "ar" if row["method"].startswith("ar") else "mdm"
+        twin = row["method"].split("_")[0] if row["method"].startswith(("ar", "bd4")) else "mdm"
         assert row["model"] == str(tiny_runs / twin / "final")
         assert (row["sampler"] is None) == (twin == "ar")
         assert row["settings"] == {"runs": str(tiny_runs), "repeats": 1, "context": 8, "prompts": 1}
-    assert next(r for r in record["results"]["methods"] if r["method"] == "reference")["speedup_vs_naive"] == 1.0
+    rows = {r["method"]: r for r in record["results"]["methods"]}
+    assert rows["reference"]["speedup_vs_naive"] == 1.0
+    assert {"bd4_one_per_step", "bd4_threshold_0.9", "bd4_factor_1"} <= set(rows)  # the block model beside the twins
+    # the plain KV-cache loop (the AR baseline) writes what remask's own AR decoding writes
+    assert rows["ar_plain_kv_loop"]["accuracy"] == rows["ar_kv_cache"]["accuracy"]
+    assert rows["ar_plain_kv_loop"]["forward_passes"] == rows["ar_kv_cache"]["forward_passes"]
 
 
 def test_training_parts_keep_their_own_stamp(bench, tmp_path, monkeypatch):

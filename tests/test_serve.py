@@ -23,7 +23,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import tiny_config
+from conftest import save_tiny_model, tiny_config
 from torch import nn
 
 from remask.checkpoint.storage import save_model
@@ -229,6 +229,27 @@ def test_batched_answers_equal_answers_served_alone(real):
         together = list(pool.map(lambda ip: ask(real, ip[1], **extra[ip[0] % 2]), enumerate(prompts)))
     assert together == alone
     assert real.health()["completed"] >= 2 * len(prompts)
+
+
+def test_a_block_model_is_served_block_by_block_and_batched(poem_tokenizer, tmp_path):
+    """A block diffusion model takes the engine's exact-cache block path from its own config: answers
+    batched with others equal answers alone and the pipeline's; a stream's deltas arrive as its blocks
+    settle and add up to the answer."""
+    directory = save_tiny_model(tmp_path / "bd", poem_tokenizer, attention="block", block_length=4)
+    pipe = Pipeline.load(directory)
+    server = LiveServer(create_app(pipe, model_name="tiny", sampler=SamplerConfig(gen_length=16, steps=16),
+                                   max_tokens_limit=64))
+    try:
+        prompts = ["床前", "白日依山", "春", "千山鸟飞绝", "举头望"]
+        alone = [ask(server, p) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(lambda p: ask(server, p), prompts)) == alone
+        assert alone[0] == pipe.generate("床前", SamplerConfig(gen_length=16, steps=16)).text
+        chunks = [c.choices[0].text for c in server.client().completions.create(
+            model="tiny", prompt=prompts[1], max_tokens=16, temperature=0, stream=True)]
+        assert "".join(chunks) == alone[1] and sum(bool(c) for c in chunks) >= min(2, len(alone[1]) // 4)
+    finally:
+        server.stop()
 
 
 def test_an_anchored_answer_ends_within_its_canvas(real):
