@@ -87,6 +87,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, data: str, preset: str) -> None:
+    """The options of a benchmark that trains: corpus, model preset, sequence length, batch size."""
+    parser.add_argument("--data", default=data)
+    parser.add_argument("--preset", default=preset)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run a benchmark's main and exit as `remask` does: 0 (or main's code); bad input (RemaskError,
     a bad argument) one `error: ...` line on stderr and 2; Ctrl-C 130."""

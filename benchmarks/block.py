@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ArgumentParser, metrics_seconds, positive_int, previous_results, run_main, stamp, write_result
+from _common import ArgumentParser, add_training_arguments, metrics_seconds, positive_int, previous_results, run_main, stamp, write_result
 
 from remask.checkpoint import load_model
 from remask.data.corpora import read_corpus
@@ -202,10 +202,7 @@ def main() -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=["train", "nelbo", "convert", "cost"])
     parser.add_argument("--out", default="runs/block", help="where the runs live")
-    parser.add_argument("--data", default="builtin:shakespeare")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--seq-len", type=positive_int, default=128)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    add_training_arguments(parser, data="builtin:shakespeare", preset="tiny")
     parser.add_argument("--steps", type=positive_int, default=2000, help="pretraining steps of every scratch run")
     parser.add_argument("--convert-steps", type=positive_int, default=600)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, ArgumentParser, positive_int, previous_results, run_main, stamp, write_result
+from _common import RESULTS_DIR, ArgumentParser, add_training_arguments, positive_int, previous_results, run_main, stamp, write_result
 from throughput import matmul_peak
 
 from remask.app.plot import plot_runs
@@ -182,10 +182,7 @@ def run_part(part: str, args, tmp: Path) -> dict:
 def main() -> None:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=list(PART_SETTINGS), choices=list(PART_SETTINGS))
-    ap.add_argument("--data", default="builtin:tang300")
-    ap.add_argument("--preset", default="demo")
-    ap.add_argument("--seq-len", type=positive_int, default=128)
-    ap.add_argument("--batch-size", type=positive_int, default=16)
+    add_training_arguments(ap, data="builtin:tang300", preset="demo")
     ap.add_argument("--steps", type=positive_int, default=600, help="training steps per objective for validation")
     ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--steps-per-round", type=positive_int, default=4)

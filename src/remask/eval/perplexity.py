@@ -1,5 +1,5 @@
-"""Perplexity on held-out text: the diffusion model's bound on the NLL (with its standard error)
-or the AR twin's exact NLL, in nats/token and bits/byte, so models with different tokenizers
+"""Perplexity on held-out text: a diffusion model's bound on the NLL (a block model's NELBO), with
+its standard error, or the AR twin's exact NLL, in nats/token and bits/byte, so models with different tokenizers
 compare.
 
 A document is scored after the BOS token (pretraining starts every document with it) in windows:
@@ -42,7 +42,8 @@ class Perplexity:
     documents: int
     windows: int
     mc_samples: int  # Monte-Carlo samples per estimated window (0: all exact)
-    bound: bool  # True for the diffusion model's bound
+    bound: bool  # True for a diffusion model's bound
+    block_length: int | None = None  # a block diffusion model's: its bound is the NELBO over its blocks
 
     def report(self) -> dict:
         return {
@@ -53,7 +54,8 @@ class Perplexity:
             "perplexity": math.exp(min(self.nll / self.tokens, 50.0)),
             "tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "windows": self.windows,
             "mc_samples_per_window": self.mc_samples,
-            "measure": "upper bound on the NLL (diffusion)" if self.bound else "exact NLL (autoregressive)",
+            "measure": ("exact NLL (autoregressive)" if not self.bound else "upper bound on the NLL (diffusion)"
+                        if self.block_length is None else f"upper bound on the NLL (block diffusion, blocks of {self.block_length})"),
         }
 
 
@@ -82,4 +84,4 @@ def perplexity(scorer: Scorer, tokenizer: Tokenizer, documents: list[str], *, st
         nll=-sum(s.log_likelihood for s in scores),
         stderr=math.sqrt(sum(s.stderr**2 for s in scores)),
         tokens=sum(s.tokens for s in scores), bytes=nbytes, documents=len(documents), windows=len(scores),
-        mc_samples=max(s.num_samples for s in scores), bound=not scorer.causal)
+        mc_samples=max(s.num_samples for s in scores), bound=not scorer.causal, block_length=scorer.block_length)
