@@ -265,9 +265,10 @@ class Transformer(nn.Module):
         the clean sequence together); no `attention_mask` or `past` with it.
         """
         B, T = ids.shape
-        # With an explicit mask the tokens may repeat positions (block diffusion's two streams).
-        total = T + (past.length if past is not None else 0) if mask is None or positions is None \
-            else int(positions.max()) + 1
+        total = T + (past.length if past is not None else 0)
+        if total > self.config.max_sequence_length and positions is not None:
+            # Keys may be padding, and positions repeat (block diffusion's two streams): the span is the positions'.
+            total = int(positions.max()) + 1
         if total > self.config.max_sequence_length:
             raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
         if positions is None:

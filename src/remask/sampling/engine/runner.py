@@ -222,7 +222,13 @@ class BlockPass:
     end of its current block -- the block just finished, not yet cached, and the current block --
     against the exact keys/values of everything before; the finished positions' keys/values join
     the cache. A finished block's keys/values are exact because under the block layout nothing
-    after it changes them. The first pass of a row runs its prompt too, and caches it."""
+    after it changes them. The first pass of a row runs its prompt too, and caches it.
+
+    The rows' caches live in one batched buffer (`Slab`), a row per batch row, each holding its
+    finished positions from 0: a pass writes its tokens' keys/values after the longest cache (the
+    model's in-place `KV.allocate` protocol), and a finished block is moved to its row's place. So
+    no cache is copied or restacked from step to step; the buffer is rebuilt only when rows join or
+    leave."""
 
     name = "block"
 
@@ -246,26 +252,62 @@ class BlockPass:
             positions[i] = r.grid + span.start + torch.arange(width, device=runner.device).clamp(max=n - 1)
             lo = s.logits.start - span.start
             at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=s.logits.stop - span.start - 1)
-        caches = [r.cache for r in rows]
-        past = None if all(c is None for c in caches) else runner.kept(self.name, caches, stack_caches)
-        want_kv = any(s.keep for s in specs)
-        out = runner.forward(ids, attn, positions, past=past, return_kv=want_kv, logits_at=at)
-        logits, kv = out if want_kv else (out, None)
+        slab = runner.kept(self.name, rows, lambda now: Slab.for_rows(now, runner.held.get(self.name), runner.model))
+        filled = max(r.cached_upto for r in rows)  # this pass's keys/values go after the longest cache
+        slab.reserve(filled + width)
+        logits = runner.forward(ids, attn, positions, past=KV(slab.layers, slab.valid, filled), logits_at=at)
+        slab.valid[:, filled:] = False  # the pass's own entries are scratch, except what rows keep (below)
         for i, (r, s) in enumerate(zip(rows, specs)):
-            if s.keep:  # (1, ...) the finished positions, exact from now on
+            if s.keep:  # the finished positions, exact from now on, moved to their place in the row's cache
                 (keep,) = s.keep
-                new = kv.rows(torch.tensor([i], device=runner.device)).positions(slice(0, keep.stop - keep.start))
-                new.valid = None
-                r.cache = new if r.cache is None else r.cache.cat(new)
+                slab.move(i, filled, keep.start, keep.stop - keep.start)
                 r.cached_upto = keep.stop
         return {id(r): logits[i, :s.logits.stop - s.logits.start] for i, (r, s) in enumerate(zip(rows, specs))}
 
 
-def stack_caches(caches: list[KV | None]) -> KV:
-    """Rows' caches as one right-padded batch; a row with none yet (its first pass) gets an empty one."""
-    like = next(c for c in caches if c is not None)
-    empty = like.rows(torch.tensor([0], device=like.layers[0][0].device)).positions(slice(0, 0))
-    return KV.stack([empty if c is None else c for c in caches])
+class Slab:
+    """The block rows' caches as one buffer: layers of (B, Hkv, capacity, D) keys/values, row b's
+    finished positions at [0, its cached_upto) and marked in `valid` (B, capacity)."""
+
+    def __init__(self, rows: list[Row], layers: list[tuple[Tensor, Tensor]], valid: Tensor) -> None:
+        self.rows, self.layers, self.valid = rows, layers, valid
+
+    @staticmethod
+    def for_rows(rows: list[Row], held: tuple[list, Slab] | None, model: Callable) -> Slab:
+        """A buffer for `rows`: the rows of the previous buffer that are still here, new rows empty."""
+        old = held[1] if held is not None else None
+        where = {id(r): i for i, r in enumerate(old.rows)} if old is not None else {}
+        if any(r.cached_upto and id(r) not in where for r in rows):
+            raise RuntimeError("a block row lost its cache")  # rows join with nothing cached
+        if old is None:
+            cfg, p = model.config, next(iter(model.parameters()))
+            shape = (len(rows), cfg.effective_n_kv_heads, 0, cfg.head_dim)
+            layers = [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)]
+            return Slab(rows, layers, torch.zeros(len(rows), 0, dtype=torch.bool, device=p.device))
+        index = [where.get(id(r), -1) for r in rows]
+        pick = torch.tensor([max(i, 0) for i in index], device=old.valid.device)
+        fresh = torch.tensor([i < 0 for i in index], device=old.valid.device)
+        layers = [(k[pick], v[pick]) for k, v in old.layers]
+        valid = old.valid[pick] & ~fresh[:, None]
+        return Slab(rows, layers, valid)
+
+    def reserve(self, capacity: int) -> None:
+        """Room for `capacity` positions (grown by doubling; the model gives the sizes on first use)."""
+        have = self.valid.shape[1]
+        if capacity <= have:
+            return
+        size = max(capacity, 2 * have)
+        self.valid = torch.nn.functional.pad(self.valid, (0, size - have), value=False)
+        self.layers = [(torch.nn.functional.pad(k, (0, 0, 0, size - have)), torch.nn.functional.pad(v, (0, 0, 0, size - have)))
+                       for k, v in self.layers]
+
+    def move(self, row: int, start: int, to: int, n: int) -> None:
+        """Row `row`'s n entries written at `start` by the last pass become its cache at [to, to + n)."""
+        if start != to:
+            for k, v in self.layers:
+                k[row, :, to:to + n] = k[row, :, start:start + n].clone()
+                v[row, :, to:to + n] = v[row, :, start:start + n].clone()
+        self.valid[row, to:to + n] = True
 
 
 register(BlockPass())
