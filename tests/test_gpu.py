@@ -25,12 +25,15 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, EOS, (n,), generator=g).tolist() for n in (3, 6, 9, 4)]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_bf16_forward_is_fp32_within_tolerance(causal):
+LAYOUTS = {"full": {}, "causal": {"attention": "causal"}, "block": {"attention": "block", "block_length": 8}}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bf16_forward_is_fp32_within_tolerance(layout):
     """The same weights in bfloat16: logits within a few hundredths of their spread of the float32
     ones (a few tenths at worst), the same argmax where float32's lead is clear; float32 on CUDA
     is the CPU's to rounding."""
-    cfg = tiny_config(V, max_sequence_length=64, init_std=0.3, causal=causal)
+    cfg = tiny_config(V, max_sequence_length=64, init_std=0.3, **LAYOUTS[layout])
     cpu = build_model(cfg, seed=3).eval()  # one set of weights, copied to each device and precision
     fp32 = build_model(cfg, seed=3).to("cuda").eval()
     bf16 = build_model(cfg, seed=3).to("cuda", torch.bfloat16).eval()
@@ -53,11 +56,15 @@ def test_bf16_forward_is_fp32_within_tolerance(causal):
     SamplerConfig(gen_length=16, steps=16, block_length=8, cache="prefix"),
     SamplerConfig(gen_length=16, steps=16, block_length=8, cache="dual", parallel="threshold", threshold=0.3),
     SamplerConfig(gen_length=16, steps=8, block_length=16, cache="dual", parallel="factor", factor=1.0),
-], ids=["lossless", "prefix", "dual-threshold", "dual-factor"])
-def test_fast_engine_on_cuda_equals_cpu(sampler):
+    SamplerConfig(gen_length=20, steps=20),
+    SamplerConfig(gen_length=20, steps=10, parallel="threshold", threshold=0.3),
+], ids=["lossless", "prefix", "dual-threshold", "dual-factor", "block", "block-threshold"])
+def test_fast_engine_on_cuda_equals_cpu(sampler, request):
     """Four rows of different lengths in one engine, at temperature 0: the same sequences and the
-    same reveal steps on CUDA as on the CPU (float64, so that no argmax flips by rounding)."""
-    cfg = tiny_config(V, max_sequence_length=64, init_std=0.3)
+    same reveal steps on CUDA as on the CPU (float64, so that no argmax flips by rounding); the
+    block cases with a block model (L' = 4) and its exact cache."""
+    block = request.node.callspec.id.startswith("block")
+    cfg = tiny_config(V, max_sequence_length=64, init_std=0.3, **({"attention": "block", "block_length": 4} if block else {}))
 
     def run(device: str):
         model = build_model(cfg, seed=3, dtype=torch.float64).to(device).eval()  # the same weights on each device

@@ -69,11 +69,12 @@ class Engine:
 
     def _add_blocks(self, prompt: Sequence[int] | Tensor, sampler: SamplerConfig, generator: torch.Generator | None,
                     on_step: Callable[[StepInfo], None] | None) -> Row:
-        """A block model's row: the answer's blocks of the model's block length (the last cut at
-        sampler.gen_length, a limit; sampler.block_length and cache do not apply), decoded left to
-        right with the exact cache (see `runner`);
-        each block takes its share of sampler.steps (steps per gen_length positions, at least one
-        per block) and ends the row where an end-of-text is revealed with everything before it."""
+        """A block model's row: the answer's blocks of the model's block length on the model's grid
+        (the answer starts on a block boundary; the last block cut at sampler.gen_length, a limit),
+        decoded left to right with the exact cache (runner's `block` pass; sampler.block_length and
+        cache do not apply). Each block takes its share of sampler.steps (steps per gen_length
+        positions, at least one per block); the row ends where an end-of-text is revealed with
+        everything before it."""
         L = self.block_length
         if sampler.cfg_scale or sampler.anchor_eos:
             raise RemaskError("a block model takes no classifier-free guidance and no end-of-text anchor")
