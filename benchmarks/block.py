@@ -162,6 +162,11 @@ def convert(args) -> dict:
 
 
 def cost(args) -> dict:
+    """`cost_at` for each of --cost-presets."""
+    return {preset: cost_at(args, preset) for preset in args.cost_presets}
+
+
+def cost_at(args, preset: str) -> dict:
     """Alternating rounds of optimizer steps of every objective on identical batches."""
     torch.manual_seed(0)
     docs = read_corpus(args.data)
@@ -169,7 +174,7 @@ def cost(args) -> dict:
     rows = training_rows(prepare_tokens(args.data, docs, tok).train, args.seq_len, "concat", bos_id=tok.bos_id,
                          eos_id=tok.eos_id)
     packed = PackedBatches(rows, args.batch_size, seed=0)
-    base = ModelSection(preset=args.preset).build(tok.special_ids, tok.vocab_size)
+    base = ModelSection(preset=preset).build(tok.special_ids, tok.vocab_size)
     runs = {}
     for name, (objective, block) in SCRATCH.items():
         model = build_model(base.replace(**run_layout(objective, block, base)), seed=0)
@@ -209,6 +214,7 @@ def main() -> int:
     parser.add_argument("--windows", type=positive_int, default=64, help="held-out windows scored")
     parser.add_argument("--mc-num", type=positive_int, default=64, help="Monte-Carlo draws per window")
     parser.add_argument("--rounds", type=positive_int, default=5, help="cost: rounds of 4 steps per objective")
+    parser.add_argument("--cost-presets", nargs="+", default=["tiny", "demo"], help="cost: the model sizes timed")
     parser.add_argument("--twins", default="runs/reversal", help="twins: the reversal benchmark's runs")
     parser.add_argument("--twin-steps", type=positive_int, default=1200, help="twins: conversion steps")
     parser.add_argument("--twin-blocks", type=positive_int, nargs="+", default=list(BLOCKS))

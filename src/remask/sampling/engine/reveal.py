@@ -64,7 +64,7 @@ def choose(row: Row, logits: Tensor, *, mask_id: int, vocab_size: int) -> tuple[
         at_least = (masked.sum(1) + left - 1) // left  # enough to finish the block in its steps
         probs = logits.double().softmax(-1)
         confidence = probs.gather(-1, x0[..., None])[..., 0]
-        entropy = -torch.special.xlogy(probs, probs).sum(-1)
+        entropy = -torch.special.xlogy(probs, probs).sum(-1) if sampler.parallel == "entropy" else confidence  # read by entropy only
         k = reveal_counts(confidence, entropy, masked, sampler, at_least)
     late = torch.isin(x0, row.stop) if sampler.eos == "delay" else torch.zeros_like(masked)
     chosen = select_top_k(score, torch.where(masked, late.long(), 2), k) & masked
