@@ -6,44 +6,12 @@ would change)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
-from _common import RESULTS_DIR
-
-DASH = "–"
-
-
-@cache
-def record(name: str) -> dict:
-    """A result file's whole record ({"name", "commit", "date", "device", "settings", "results"})."""
-    return json.loads((RESULTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def results(name: str) -> dict:
-    return record(name)["results"]
-
-
-def source(*names: str) -> str:
-    """The line under a table: which files, at which commits and dates, on which device."""
-    parts = []
-    for name in names:
-        r = record(name)
-        commits = sorted({row["commit"] for row in r["results"].get("methods", [])}) if name == "sampling" else []
-        at = f"rows measured at {', '.join(commits)}" if commits else f"commit {r['commit']}, {r['date'][:10]}"
-        parts.append(f"`benchmarks/results/{name}.json` ({at}; {r['device']})")
-    return "From " + " and ".join(parts) + "."
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def f2(x: float | None) -> str:
-    return DASH if x is None else f"{x:.2f}"
+from docs_tables_block import BLOCK_TABLES, block_headline
+from tables import DASH, f2, record, results, source, table
 
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -261,89 +229,6 @@ def demo_main() -> list[str]:
     return table(["the shipped sampler", "figure"], rows) + ["", source("demo")]
 
 
-# --- block diffusion --------------------------------------------------------------------------------
-def block_nelbo() -> list[str]:
-    """The likelihood table: the AR twin's exact NLL, the block models' NELBO, the diffusion bound."""
-    part = results("block")["nelbo"]
-    names = [("ar", "AR twin"), *((f"bd{n}", f"block, L' = {n}") for n in (4, 8, 16)), ("mdm", "full diffusion")]
-    rows = [[label, f"{part['table'][k]['nats_per_token']:.3f} ± {part['table'][k]['stderr']:.3f}", part["table"][k]["measure"]]
-            for k, label in names]
-    s = part["measured"]["settings"]
-    note = (f"{part['windows']} held-out windows of {s['seq_len']} tokens ({s['data']}, preset {s['preset']}, {s['steps']} steps of "
-            f"{s['batch_size']} x {s['seq_len']} tokens each). Every block model between the AR twin and the diffusion "
-            f"model: {'yes' if part['between_ar_and_diffusion'] else 'no'}; ordered by block length from AR to "
-            f"diffusion: {'yes' if part['monotone_in_block_length'] else 'no'}.")
-    return table(["model", "nats per token (± s.e.)", "measure"], rows) + ["", note, "", source("block")]
-
-
-def block_convert() -> list[str]:
-    """Each conversion's NELBO after its steps, and when the scratch run reached as good a value."""
-    part = results("block")["convert"]
-    scratch = part["scratch_bd8"]
-    rows = [["from scratch", f"{scratch[-1]['step']} ({scratch[-1]['seconds']:.0f} s)", f"{scratch[-1]['nats_per_token']:.3f}",
-             DASH, DASH]]
-    for name, label in (("ar-to-bd8", "from the trained AR twin"), ("mdm-to-bd8", "from the trained diffusion model")):
-        end = part[name]["curve"][-1]
-        i = next((i for i, p in enumerate(scratch) if p["nats_per_token"] <= end["nats_per_token"]), None)
-        when = DASH if i is None else f"{scratch[i - 1]['step'] if i else 0}-{scratch[i]['step']} steps ({scratch[i]['seconds']:.0f} s)"
-        hit = part[name]["steps_to_target"]
-        rows.append([label, f"{end['step']} ({end['seconds']:.0f} s)", f"{end['nats_per_token']:.3f}", when,
-                     DASH if hit is None else str(hit)])
-    header = ["L' = 8 block model", "fine-tuning steps (time)", "NELBO, nats/token",
-              "scratch run reaches it between", "steps to the scratch model's final NELBO"]
-    return table(header, rows) + ["", f"On {part['windows']} held-out windows; the scratch model's final NELBO "
-                                      f"{part['target_nats_per_token']:.3f}. " + source("block")]
-
-
-def block_cost() -> list[str]:
-    part = results("block")["cost"]
-    names = [("mdm", "full diffusion"), ("ar", "AR twin"), *((f"bd{n}", f"block, L' = {n}") for n in (4, 8, 16))]
-    rows = [[f"`{preset}`", label, f"{part[preset][k]['median_step_s']:.3f}", f"{part[preset][k]['tokens_per_s']:.0f}",
-             f"{part[preset][k]['cost_per_token_over_mdm']:.2f}"]
-            for preset in part if preset != "measured" for k, label in names]
-    return table(["preset", "objective", "step s", "tokens/s", "cost per token / diffusion's"], rows) + ["", source("block")]
-
-
-def block_best(task: str, n: int, floor: float) -> dict | None:
-    """The block model's fastest method on a task at accuracy >= floor, else its most accurate."""
-    rows = [r for r in results("sampling")["methods"] if r["task"] == task and r["method"].startswith(f"bd{n}_")
-            and r["batch_size"] == 1]
-    good = [r for r in rows if r["accuracy"] >= floor]
-    return max(good, key=lambda r: r["tokens_per_s"]) if good else max(rows, key=lambda r: r["accuracy"], default=None)
-
-
-def block_sampling() -> list[str]:
-    out = []
-    for task, score in (("memorised_short", "accuracy"), ("memorised", "accuracy"), ("free", "ar_nll_per_char")):
-        ar = sampling_row(task, "ar_kv_cache")
-        if ar is None:
-            continue
-        chosen = [ar, sampling_row(task, "ar_plain_kv_loop"), sampling_row(task, "dual_threshold_0.9"),
-                  *(block_best(task, n, ar["accuracy"]) for n in (4, 8, 16))]
-        rows = [[r["method"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / ar['tokens_per_s']:.2f}",
-                 f"{r['forward_passes'] / max(1, r['useful_tokens']):.3f}", f"{r[score]:.3f}"] for r in chosen if r]
-        out += [f"**{task}** (batch 1; {score.replace('_', ' ')})", ""]
-        out += table(["method", "tok/s", "x AR KV", "passes per token", score.replace("_", " ")], rows) + [""]
-    batch = [r for r in results("sampling")["methods"] if r["task"] == "batch" and r["batch_size"] > 1]
-    rows = [[r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_batch_1']:.2f}", f"{r['accuracy']:.3f}"] for r in batch]
-    out += ["**batch** (16 mixed prompts at once)", ""] + table(["method", "tok/s", "x batch 1", "agreement"], rows)
-    return out + ["", source("sampling")]
-
-
-def block_headline() -> list[str]:
-    """Block diffusion in one line: its best memorised_short setting against the AR twin, and its NELBO."""
-    ar = sampling_row("memorised_short", "ar_kv_cache")
-    best = max((block_best("memorised_short", n, ar["accuracy"]) for n in (4, 8, 16)), key=lambda r: r["tokens_per_s"])
-    part = results("block")["nelbo"]
-    nll = {k: v["nats_per_token"] for k, v in part["table"].items()}
-    where = "between" if part["between_ar_and_diffusion"] else "not all between"
-    return ["[block diffusion](docs/block.md): memorised_short, best block setting vs the AR twin's KV decoding",
-            f"`{best['method']}` {best['tokens_per_s']:.0f} tok/s at accuracy {best['accuracy']:.3f}, "
-            f"{best['tokens_per_s'] / ar['tokens_per_s']:.1f}x the AR twin ({ar['accuracy']:.3f}); NELBO "
-            f"{nll['bd16']:.2f} / {nll['bd8']:.2f} / {nll['bd4']:.2f} nats/token at L' = 16 / 8 / 4, {where} the diffusion "
-            f"bound {nll['mdm']:.2f} and the AR NLL {nll['ar']:.2f}"]
-
-
 def headline() -> list[str]:
     rev, serve, train = results("reversal"), results("serve"), results("training")
     poem = rev["plain"]["poem"]
@@ -377,8 +262,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "sampling_batch": sampling_batch, "reversal_main": reversal_main, "reversal_sft_pairs": reversal_sft_pairs,
     "reversal_curve": reversal_curve, "reversal_curve_facts": reversal_curve_facts,
     "serve_main": serve_main, "training_main": training_main, "throughput_main": throughput_main,
-    "checkpoint_main": checkpoint_main, "demo_main": demo_main, "block_nelbo": block_nelbo,
-    "block_convert": block_convert, "block_cost": block_cost, "block_sampling": block_sampling}
+    "checkpoint_main": checkpoint_main, "demo_main": demo_main} | BLOCK_TABLES
 BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

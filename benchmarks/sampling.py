@@ -17,6 +17,7 @@ replaces those tasks' rows in benchmarks/results/sampling.json and keeps the oth
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from sampling_tasks import (
     add_speedups,
     agreement,
     best_of,
+    block_length_of,
     block_methods,
     block_models,
     char_accuracy,
@@ -283,7 +285,7 @@ def part_batch(b: Bench) -> list[dict]:
     a, L = b.args, b.args.gen_length
     mixed = free_prompts(b.pipe, b.docs, a.batch, [16, 48, 80, 128])
     rows, when = [], stamp()
-    chosen = ("dual_threshold_0.9", "lossless", "ar_kv_cache", *(f"bd{n}_threshold_0.9" for n in b.blocks))
+    chosen = ("dual_threshold_0.9", "lossless", "ar_kv_cache", *(f"block{n}_threshold_0.9" for n in b.blocks))
     for m in [m for m in methods(L, a.block_length) + block_methods(L, b.blocks) if m.name in chosen]:
         alone_answers, alone = run_method(m, b.pipes, mixed, L, batch_size=1, repeats=a.repeats)
         batched_answers, batched = run_method(m, b.pipes, mixed, L, batch_size=a.batch, repeats=a.repeats)
@@ -327,7 +329,22 @@ def main(argv: list[str] | None = None) -> None:
         if name in args.parts:
             rows = merge_rows(rows, part(bench))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    write_result("sampling", settings, {"methods": [r for r in rows if r.get("task") in TASKS]}, out=args.out)
+    rows = [r for r in rows if r.get("task") in TASKS]
+    write_result("sampling", settings, {"methods": rows}, out=args.out)
+    write_block_rows(rows, args.out.parent / "block.json")
+
+
+def write_block_rows(rows: list[dict], path: Path) -> None:
+    """block.json's "methods" (INTERFACE.md): the block models' and the AR twin's rows (and the
+    diffusion twin's best fast setting), with their block length and their tokens/s over the AR
+    twin's KV decoding on the same task and batch; the file's other results and settings kept."""
+    record = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"settings": {}, "results": {}}
+    ar = {(r["task"], r["batch_size"]): r["tokens_per_s"] for r in rows if r["method"] == "ar_kv_cache"}
+    methods = [r | {"block_length": block_length_of(r["method"]),
+                    "speedup_vs_ar_kv": r["tokens_per_s"] / ar[(r["task"], r["batch_size"])]
+                    if (r["task"], r["batch_size"]) in ar else None}
+               for r in rows if r["method"].startswith(("block", "ar")) or r["method"] == "dual_threshold_0.9"]
+    write_result("block", record["settings"], record["results"] | {"methods": methods}, out=path)
 
 
 if __name__ == "__main__":

@@ -51,11 +51,17 @@ def block_methods(gen_length: int, blocks: list[int], thresholds=(0.5, 0.7, 0.9)
     base = SamplerConfig(gen_length=gen_length, steps=gen_length)
     out = []
     for n in blocks:
-        out.append(Method(f"bd{n}_one_per_step", base, model=f"bd{n}"))
-        out += [Method(f"bd{n}_threshold_{t}", base.replace(parallel="threshold", threshold=t), model=f"bd{n}")
+        out.append(Method(f"block{n}_one_per_step", base, model=f"bd{n}"))
+        out += [Method(f"block{n}_threshold_{t}", base.replace(parallel="threshold", threshold=t), model=f"bd{n}")
                 for t in thresholds]
-        out.append(Method(f"bd{n}_factor_1", base.replace(parallel="factor", factor=1.0), model=f"bd{n}"))
+        out.append(Method(f"block{n}_factor_1", base.replace(parallel="factor", factor=1.0), model=f"bd{n}"))
     return out
+
+
+def block_length_of(method: str) -> int | None:
+    """The block length of a block model's method (`block8_threshold_0.9` -> 8), else None."""
+    head = method.split("_")[0]
+    return int(head[5:]) if head.startswith("block") and head[5:].isdigit() else None
 
 
 def block_models(runs: Path) -> list[int]:

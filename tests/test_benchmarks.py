@@ -84,13 +84,16 @@ def test_sampling_rows_keep_the_interface_layout(bench, tiny_runs, tmp_path):
     for row in record["results"]["methods"]:
         assert {"method", "gen_length", "batch_size", "forward_passes", "tokens_per_forward", "tokens_per_s", "accuracy",
                 "speedup_vs_naive", "task", "model", "settings", "commit", "date", "sampler"} <= set(row)
-        twin = row["method"].split("_")[0] if row["method"].startswith(("ar", "bd4")) else "mdm"
+        twin = {"ar": "ar", "block4": "bd4"}.get(row["method"].split("_")[0], "mdm")
         assert row["model"] == str(tiny_runs / twin / "final")
         assert (row["sampler"] is None) == (twin == "ar")
         assert row["settings"] == {"runs": str(tiny_runs), "repeats": 1, "context": 8, "prompts": 1}
     rows = {r["method"]: r for r in record["results"]["methods"]}
     assert rows["reference"]["speedup_vs_naive"] == 1.0
-    assert {"bd4_one_per_step", "bd4_threshold_0.9", "bd4_factor_1"} <= set(rows)  # the block model beside the twins
+    assert {"block4_one_per_step", "block4_threshold_0.9", "block4_factor_1"} <= set(rows)  # the block model beside the twins
+    block = json.loads((tmp_path / "block.json").read_text())["results"]["methods"]  # INTERFACE.md's block.json rows
+    assert {r["method"] for r in block} == {m for m in rows if m.startswith(("block", "ar"))} | {"dual_threshold_0.9"}
+    assert all(r["block_length"] == (4 if r["method"].startswith("block") else None) and "task" in r for r in block)
     # the plain KV-cache loop (the AR baseline) writes what remask's own AR decoding writes
     assert rows["ar_plain_kv_loop"]["accuracy"] == rows["ar_kv_cache"]["accuracy"]
     assert rows["ar_plain_kv_loop"]["forward_passes"] == rows["ar_kv_cache"]["forward_passes"]

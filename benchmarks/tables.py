@@ -1,0 +1,40 @@
+"""What every generated table is made of: the result files, the line naming them, the markdown."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+from _common import RESULTS_DIR
+
+DASH = "–"
+
+
+@cache
+def record(name: str) -> dict:
+    """A result file's whole record ({"name", "commit", "date", "device", "settings", "results"})."""
+    return json.loads((RESULTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def results(name: str) -> dict:
+    return record(name)["results"]
+
+
+def source(*names: str, rows: tuple[str, ...] = ("sampling",)) -> str:
+    """The line under a table: which files, at which commits and dates (of each row, for the files
+    in `rows`), on which device."""
+    parts = []
+    for name in names:
+        r = record(name)
+        commits = sorted({row["commit"] for row in r["results"].get("methods", [])}) if name in rows else []
+        at = f"rows measured at {', '.join(commits)}" if commits else f"commit {r['commit']}, {r['date'][:10]}"
+        parts.append(f"`benchmarks/results/{name}.json` ({at}; {r['device']})")
+    return "From " + " and ".join(parts) + "."
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def f2(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}"
