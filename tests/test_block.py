@@ -289,6 +289,12 @@ def test_pretrain_convert_sft_generate_and_score_a_block_model(corpus, tmp_path,
     assert cli_main(["eval", "ppl", "--model", str(tmp_path / "bd" / "final"), "--data", str(text), "--split", "all",
                      "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"first": "床前明月光", "second": "疑是地上霜"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert cli_main(["eval", "reversal", "--model", str(tmp_path / "sft" / "final"), "--test", str(pairs), "--json",
+                     "--gen-length", "8", "--steps", "8"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    assert [r["kind"] for r in rows.values()] == ["block diffusion"] and set(rows.popitem()[1]["answers"]) == {"forward", "backward"}
     assert report["nats_per_token"] > 0 and report["measure"] == "upper bound on the NLL (block diffusion, blocks of 4)"
 
 

@@ -171,7 +171,7 @@ def evaluate(models: Sequence[str | Path], test: str | Path, *, sampler: Sampler
         pipe = Pipeline.load(directory, device=device)
         if mode == "infill" and pipe.causal:
             raise RemaskError(f"{directory} is an AR twin: infilling needs a diffusion model (use --mode qa)")
-        row: dict = {"kind": "autoregressive" if pipe.causal else "diffusion"}
+        row: dict = {"kind": {"causal": "autoregressive", "block": "block diffusion"}.get(pipe.model.config.attention, "diffusion")}
         if mode != "qa" and not pipe.causal:
             row["window"] = trained_seq_len(directory) if window is None else window
             if (row["window"] or 0) > pipe.context:
