@@ -224,6 +224,12 @@ def test_batched_rows_equal_single_rows_at_different_blocks():
     rows += [engine.add(p, s) for p, s in zip(prompts[1:], samplers[1:])]
     engine.run()
     assert [r.result().answer for r in rows] == singles
+    engine = Engine(model, mask_id=MASK, vocab_size=V)  # a row cancelled mid-answer: the others are unchanged
+    rows = [engine.add(p, s) for p, s in zip(prompts, samplers)]
+    engine.step(), engine.step(), engine.step()
+    engine.remove(rows[1])
+    engine.run()
+    assert [rows[0].result().answer, rows[2].result().answer] == [singles[0], singles[2]]
 
 
 def test_block_sampling_stops_at_end_of_text_and_the_row_leaves():
