@@ -50,7 +50,8 @@ class Row:
     Inside, the passes read and write its cache (see `runner`): `cache` holds the keys/values of
     the whole sequence from the full pass that started the current block (`fresh`), `past` the part
     of it that the block's cached passes reuse (derived once per block, None until then). A block
-    model's row (`grid` set) caches instead the exact keys/values of its finished positions."""
+    model's row (`grid` set) has its exact keys/values in the block pass's batched buffer
+    (`runner.Slab`); `cached_upto` says how far they reach."""
 
     seq: Tensor  # (L,) prompt + answer positions
     prompt_len: int
@@ -67,7 +68,7 @@ class Row:
     past: KV | None = None  # the part of `cache` the current block's cached passes attend to
     fresh: bool = False  # the cache was refreshed for the current block
     grid: int | None = None  # a block model's row: its rotary positions start here (None: another model)
-    cached_upto: int = 0  # a block model's row: positions [0, cached_upto) hold exact keys/values in `cache`
+    cached_upto: int = 0  # a block model's row: positions [0, cached_upto) have exact keys/values (runner.Slab)
     steps_per_block: int = 0  # the current block's share of the sampler's steps
     finished: bool = False
     ended: bool = False  # finished at an end-of-text

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from remask.model import KV
@@ -167,20 +168,29 @@ class FullPass:
 register(FullPass())
 
 
+def padded(seqs: list[Tensor], positions: list[Tensor], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Rows of ids with their rotary positions as one batch, padded on the left or the right: ids,
+    attention mask and positions (B, W), and each row's padding (padding sits at position 0 on the
+    left, at the row's last position on the right; the mask hides it as keys)."""
+    width, device = max(s.numel() for s in seqs), seqs[0].device
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    pos = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    pads = []
+    for i, (s, p) in enumerate(zip(seqs, positions)):
+        pad = width - s.numel()
+        real = slice(pad, width) if left else slice(0, s.numel())
+        ids[i, real], attn[i, real], pos[i, real] = s, 1, p
+        if not left:
+            pos[i, s.numel():] = p[-1]
+        pads.append(pad)
+    return ids, attn, pos, pads
+
+
 def left_padded(seqs: list[Tensor], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Sequences of different lengths as one batch padded on the left: ids, attention mask and
     rotary positions (B, W) (each row from 0 at its first real token), and each row's padding."""
-    width = max(s.numel() for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    positions = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    pads = []
-    for i, s in enumerate(seqs):
-        pad = width - s.numel()
-        ids[i, pad:], attn[i, pad:] = s, 1
-        positions[i, pad:] = torch.arange(s.numel(), device=device)
-        pads.append(pad)
-    return ids, attn, positions, pads
+    return padded([s.to(device) for s in seqs], [torch.arange(s.numel(), device=device) for s in seqs], pad_id, left=True)
 
 
 class CachedPass:
@@ -201,13 +211,7 @@ class CachedPass:
         for r, s in zip(rows, specs):
             if r.past is None:  # once per block: the reused part of the cache the full pass left
                 r.past = r.cache.positions(s.reuse[0] if len(s.reuse) == 1 else span_index(s.reuse, runner.device))
-        width = max(p.numel() for p in inputs)
-        ids = torch.full((len(rows), width), runner.mask_id, dtype=torch.long, device=runner.device)
-        attn = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
-        positions = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
-        for i, (r, pos) in enumerate(zip(rows, inputs)):
-            ids[i, :pos.numel()], attn[i, :pos.numel()], positions[i, :pos.numel()] = r.seq[pos], 1, pos
-            positions[i, pos.numel():] = pos[-1]
+        ids, attn, positions, _ = padded([r.seq[pos] for r, pos in zip(rows, inputs)], inputs, runner.mask_id, left=False)
         n_block = max(s.logits.stop - s.logits.start for s in specs)
         past = runner.kept(self.name, [r.past for r in rows], KV.stack)  # (B, ...) right-padded
         logits = runner.forward(ids, attn, positions, past=past, logits_at=slice(0, n_block))
@@ -239,17 +243,13 @@ class BlockPass:
 
     def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
         specs = [self.spec(r) for r in rows]
-        width = max(s.recompute[0].stop - s.recompute[0].start for s in specs)
-        n_block = max(s.logits.stop - s.logits.start for s in specs)
-        ids = torch.full((len(rows), width), runner.mask_id, dtype=torch.long, device=runner.device)
-        attn = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
-        positions = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
+        spans = [s.recompute[0] for s in specs]
+        ids, attn, positions, _ = padded([r.seq[span] for r, span in zip(rows, spans)],
+                                         [r.grid + torch.arange(span.start, span.stop, device=runner.device)
+                                          for r, span in zip(rows, spans)], runner.mask_id, left=False)
+        width, n_block = ids.shape[1], max(s.logits.stop - s.logits.start for s in specs)
         at = torch.zeros(len(rows), n_block, dtype=torch.long, device=runner.device)  # (B, N) each row's block
-        for i, (r, s) in enumerate(zip(rows, specs)):
-            (span,) = s.recompute
-            n = span.stop - span.start
-            ids[i, :n], attn[i, :n] = r.seq[span], 1
-            positions[i] = r.grid + span.start + torch.arange(width, device=runner.device).clamp(max=n - 1)
+        for i, (s, span) in enumerate(zip(specs, spans)):
             lo = s.logits.start - span.start
             at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=s.logits.stop - span.start - 1)
         slab = runner.kept(self.name, rows, lambda now: Slab.for_rows(now, runner.held.get(self.name), runner.model))
@@ -297,9 +297,8 @@ class Slab:
         if capacity <= have:
             return
         size = max(capacity, 2 * have)
-        self.valid = torch.nn.functional.pad(self.valid, (0, size - have), value=False)
-        self.layers = [(torch.nn.functional.pad(k, (0, 0, 0, size - have)), torch.nn.functional.pad(v, (0, 0, 0, size - have)))
-                       for k, v in self.layers]
+        self.valid = F.pad(self.valid, (0, size - have), value=False)
+        self.layers = [(F.pad(k, (0, 0, 0, size - have)), F.pad(v, (0, 0, 0, size - have))) for k, v in self.layers]
 
     def move(self, row: int, start: int, to: int, n: int) -> None:
         """Row `row`'s n entries written at `start` by the last pass become its cache at [to, to + n)."""
