@@ -68,24 +68,16 @@ def run_config(args, name: str) -> PretrainConfig:
                       log_every=25, resume=True, progress=args.progress))
 
 
-def twin_config(args, block: int) -> PretrainConfig:
-    """A block model of the reversal benchmark's corpus: its diffusion twin converted (same data,
-    sequence length, packing and batches as it was pretrained with), for benchmarks/sampling.py."""
-    twins = Path(args.twins)
-    return PretrainConfig(
-        objective="bd", block_length=block, t_sampling="stratified", model=ModelSection(init_from=twins / "mdm" / "final"),
-        data=CorpusData(source=str(twins / "corpus.txt"), seq_len=128, short_batch_prob=0.0, packing="shift"),
-        optim=OptimConfig(batch_size=16, max_steps=args.twin_steps, lr=1e-3, warmup_steps=50, decay_fraction=0.3,
-                          weight_decay=0.0),
-        run=RunConfig(out=twins / f"bd{block}", seed=0, val_every=10**9, save_every=max(1, args.twin_steps // 4),
-                      keep_checkpoints=100, log_every=50, resume=True, progress=args.progress))
-
-
 def twins(args) -> dict:
-    """The reversal benchmark's diffusion twin converted to block models of each --twin-blocks."""
+    """The reversal benchmark's diffusion twin converted to block models of each --twin-blocks (its
+    own conversion config: benchmarks/reversal_train.block_config), for benchmarks/sampling.py."""
+    import reversal
+    from reversal_train import block_config
+
+    recipe = reversal.load(reversal.RECIPE, [f"benchmark.out={args.twins}", f"benchmark.block_steps={args.twin_steps}"])
     seconds = {}
     for block in args.twin_blocks:
-        cfg = twin_config(args, block)
+        cfg = block_config(recipe, f"bd{block}", Path(args.twins) / "corpus.txt")
         if not (cfg.run.out / "final").is_dir():
             pretrain(cfg)
         seconds[f"bd{block}"] = metrics_seconds(cfg.run.out)

@@ -72,31 +72,46 @@ def sampling_batch() -> list[str]:
 
 
 # --- reversal -------------------------------------------------------------------------------------
+def twin_name(twin: str) -> str:
+    """A twin's column name: diffusion, AR, block L'=16."""
+    return {"mdm": "diffusion", "ar": "AR"}.get(twin, f"block L'={twin[2:]}")
+
+
 def reversal_main() -> list[str]:
-    """Held-out pairs of every kind, every probe, both twins side by side; and each twin asked its
-    own SFT questions (the fit)."""
+    """Held-out pairs of every kind, every probe, every twin side by side (the block twin too, when
+    trained); and each twin asked its own SFT questions (the fit)."""
     r = results("reversal")
     names = {"poem": "poems", "capital": "capitals", "person": "people"}
-    asked = {"poem": r["mdm"] | {"ar": r["ar"]}, "capital": r["capitals"]["mdm"] | {"ar": r["capitals"]["ar"]},
-             "person": r["people"]["mdm"] | {"ar": r["people"]["ar"]}}
+    twins = list(r["plain"]["poem"])
+    asked = {"poem": r, "capital": r["capitals"], "person": r["people"]}
 
     def both(x: dict | None) -> list[str]:
         if x is None:
             return [DASH, DASH]
         return [f2(x["forward"]), f2(x["backward"]) if x["backward"] is not None else f"{DASH} (cannot be asked)"]
 
+    def each(by_twin: dict, *path: str) -> list[str]:
+        row = []
+        for twin in twins:
+            x = by_twin[twin]
+            for key in path:
+                x = x[key]
+            row += both(x)
+        return row
+
     rows = []
     for kind, plain in r["plain"].items():
         document = "couplet" if kind == "poem" else "document"
         n = plain["mdm"][document]["n"]
-        rows += [[f"{names[kind]} ({n} held out): the text as read (diffusion: infilled; AR: continued)",
-                  *both(plain["mdm"][document]), *both(plain["ar"][document])],
-                 [f"{names[kind]}: statement", *both(plain["mdm"]["statement"]), *both(plain["ar"]["statement"])],
-                 [f"{names[kind]}: question after SFT", *both(asked[kind]), *both(asked[kind]["ar"])]]
+        filled = "diffusion, block" if len(twins) > 2 else "diffusion"
+        rows += [[f"{names[kind]} ({n} held out): the text as read ({filled}: infilled; AR: continued)",
+                  *each(plain, document)],
+                 [f"{names[kind]}: statement", *each(plain, "statement")],
+                 [f"{names[kind]}: question after SFT", *each(asked[kind])]]
     fit = r["sft_fit"]
-    rows.append([f"fit: each twin asked about its own {fit['mdm']['n']} SFT pairs (all kinds), both ways", *both(fit["mdm"]),
-                 *both(fit["ar"])])
-    header = ["pairs, contains gold", "diffusion fwd", "diffusion bwd", "AR fwd", "AR bwd"]
+    rows.append([f"fit: each twin asked about its own {fit['mdm']['n']} SFT pairs (all kinds), both ways",
+                 *each(fit)])
+    header = ["pairs, contains gold", *(f"{twin_name(t)} {d}" for t in twins for d in ("fwd", "bwd"))]
     return table(header, rows) + ["", source("reversal")]
 
 

@@ -107,6 +107,8 @@ class BenchmarkOptions(ConfigBase):
     curve_sft_steps: int = setting(400, gt=0)
     mdm_steps_factor: float = setting(1.0, gt=0)
     ar_steps_factor: float = setting(1.0, gt=0)
+    block_twin: int | None = setting(16, gt=0)
+    block_steps: int = setting(1200, gt=0)
 
     def check(self) -> None:
         self.need(bool(self.parts) and set(self.parts) <= set(PARTS), "parts",

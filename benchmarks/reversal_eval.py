@@ -25,7 +25,20 @@ from remask.sampling import SamplerConfig
 if TYPE_CHECKING:
     from reversal import BenchmarkOptions, Data, ReversalRecipe
 
-OBJECTIVES = ("mdm", "ar")
+OBJECTIVES = ("mdm", "ar")  # the twins trained from scratch, side by side
+
+
+def twins(recipe: ReversalRecipe) -> tuple[str, ...]:
+    """The twins the benchmark trains: the diffusion model, the AR twin, and the block model of
+    benchmark.block_twin positions per block ("bd16"), when set."""
+    block = recipe.benchmark.block_twin
+    return OBJECTIVES + (() if block is None else (f"bd{block}",))
+
+
+def objective_of(twin: str) -> tuple[str, int | None]:
+    """A twin's training objective and block length: "bd16" is ("bd", 16)."""
+    return ("bd", int(twin[2:])) if twin.startswith("bd") else (twin, None)
+
 
 def sampler_for(kind: str, options: BenchmarkOptions, **changes) -> SamplerConfig:
     length = options.poem_answer_length if kind == "poem" else options.fact_answer_length
@@ -51,7 +64,8 @@ def evaluate_plain(model_dir: Path, kind: str, pairs: list[Pair], sampler: Sampl
     """A base model (no SFT) completing each of the kind's plain-text probes (`probes`: the pair as
     pretraining reads it, and the statement in pretraining's style; those named in `only`) in both
     directions, the diffusion model in a `window` of masks (0: none); None where the probe cannot
-    be put to it (the AR twin, the unknown half first)."""
+    be put to it (the AR twin, the unknown half first); a block model reads each from a block
+    boundary (`block_offset` in its row)."""
     pipe = Pipeline.load(model_dir)
     out = {}
     for probe, templates in probes(kind, style).items():
@@ -62,33 +76,45 @@ def evaluate_plain(model_dir: Path, kind: str, pairs: list[Pair], sampler: Sampl
             answers = probe_answers(pipe, pairs, direction, template=templates[direction], sampler=sampler,
                                     window=window)
             record_direction(row, direction, answers, [p.halves(direction)[1] for p in pairs])
-        out[probe] = row | {"n": len(pairs), "text": templates, "window": None if pipe.causal else window}
+        out[probe] = row | {"n": len(pairs), "text": templates, "window": None if pipe.causal else window} | (
+            {"block_offset": pipe.block_offset()} if pipe.block_offset() else {})
     return out
 
 
 def evaluate_all(recipe: ReversalRecipe, data: Data, models: dict[str, Path]) -> dict:
-    """reversal.json's results (INTERFACE.md): the SFT'd twins on the test couplets, the base twins'
-    plain-text probes on test couplets and facts, the same on as many SFT couplets, the capitals."""
-    options, window = recipe.benchmark, recipe.probe_window
+    """reversal.json's results (INTERFACE.md): each twin (the block twin too, when trained) SFT'd
+    and asked the test couplets, each base twin's plain-text probes on test couplets and facts, the
+    same on as many SFT couplets, the capitals and people; a block twin reads each probe from a
+    block boundary, so that a couplet of up to its block length lies inside one block."""
+    options, window, names = recipe.benchmark, recipe.probe_window, twins(recipe)
     poem, fact = sampler_for("poem", options), sampler_for("fact", options)
-    results: dict = {o: evaluate_qa(models[f"{o}-sft"], data.poems, data.poem_test, poem) for o in OBJECTIVES}
+    results: dict = {o: evaluate_qa(models[f"{o}-sft"], data.poems, data.poem_test, poem) for o in names}
     style = "qa" if options.statements == "qa" else "plain"  # the probes ask in the statements' form
     plain = {kind: {o: evaluate_plain(models[o], kind, data.test(kind), sampler_for(kind, options), style, window)
-                    for o in OBJECTIVES}
+                    for o in names}
              for kind in KINDS}
     results["plain"] = plain
     # the same measures on pairs of the SFT poems, which pretraining states both ways and SFT asks
     # about: what each model does with pairs it has read backwards, beside the test pairs it has not
     sft_pairs = data.sft_pairs("poem")
     seen = random.Random(recipe.pretrain.run.seed).sample(sft_pairs, min(len(data.poem_test), len(sft_pairs)))
-    results["sft_pairs"] = {"qa": {o: evaluate_qa(models[f"{o}-sft"], data.poems, seen, poem) for o in OBJECTIVES},
-                            "plain": {o: evaluate_plain(models[o], "poem", seen, poem, style, window)
-                                      for o in OBJECTIVES}}
+    results["sft_pairs"] = {"qa": {o: evaluate_qa(models[f"{o}-sft"], data.poems, seen, poem) for o in names},
+                            "plain": {o: evaluate_plain(models[o], "poem", seen, poem, style, window) for o in names}}
     results["mdm_infill"] = {k: v for k, v in plain["poem"]["mdm"]["couplet"].items() if k != "text"}
-    results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], data.facts, data.fact_test, fact) for o in OBJECTIVES}
-    results["people"] = {o: evaluate_qa(models[f"{o}-sft"], data.people, data.person_test, fact) for o in OBJECTIVES}
-    results["sft_fit"] = {o: sft_fit(models[f"{o}-sft"], data, options) for o in OBJECTIVES}
+    results["capitals"] = {o: evaluate_qa(models[f"{o}-sft"], data.facts, data.fact_test, fact) for o in names}
+    results["people"] = {o: evaluate_qa(models[f"{o}-sft"], data.people, data.person_test, fact) for o in names}
+    results["sft_fit"] = {o: sft_fit(models[f"{o}-sft"], data, options) for o in names}
+    results["twins"] = {o: twin_info(recipe, o) for o in names}
     return results
+
+
+def twin_info(recipe: ReversalRecipe, twin: str) -> dict:
+    """What a twin is: its attention layout, block length, and where its pretraining began."""
+    objective, block = objective_of(twin)
+    layout = {"mdm": "full", "ar": "causal", "bd": "block"}[objective]
+    start = (f"the diffusion twin's final model, converted for {recipe.benchmark.block_steps} steps"
+             if objective == "bd" else "scratch")
+    return {"attention": layout, "block_length": block, "pretrained_from": start}
 
 
 def sft_fit(model_dir: Path, data: Data, options: BenchmarkOptions) -> dict:

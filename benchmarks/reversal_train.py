@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import yaml
 from _common import metrics_seconds
-from reversal_eval import OBJECTIVES
+from reversal_eval import OBJECTIVES, objective_of, twins
 
 from remask.atomic import write_text
+from remask.errors import RemaskError
 from remask.train.config import PretrainConfig, SFTConfig, config_replace
 
 if TYPE_CHECKING:
@@ -28,13 +29,33 @@ def twin_steps(recipe: ReversalRecipe, objective: str) -> int:
 
 
 def pretrain_config(recipe: ReversalRecipe, objective: str, corpus: Path) -> PretrainConfig:
+    if objective.startswith("bd"):
+        return block_config(recipe, objective, corpus)
     return config_replace(recipe.pretrain, **{"objective": objective, "data.source": str(corpus),
                                               "run.out": recipe.benchmark.out / objective,
                                               "optim.max_steps": twin_steps(recipe, objective)})
 
 
+def block_config(recipe: ReversalRecipe, twin: str, corpus: Path) -> PretrainConfig:
+    """The block twin: the diffusion twin's final model converted (BD3-LM's objective on the same
+    corpus, sequence length, packing, batch size and seed) for benchmark.block_steps steps at a
+    fine-tuning learning rate; docs/block.md explains why a conversion needs no prediction shift."""
+    from remask.train.config import CorpusData, ModelSection, OptimConfig, RunConfig
+
+    out, steps, pre = recipe.benchmark.out, recipe.benchmark.block_steps, recipe.pretrain
+    return PretrainConfig(
+        objective="bd", block_length=objective_of(twin)[1], t_sampling="stratified",
+        model=ModelSection(init_from=out / "mdm" / "final"),
+        data=CorpusData(source=str(corpus), seq_len=pre.data.seq_len, short_batch_prob=0.0, packing=pre.data.packing),
+        optim=OptimConfig(batch_size=pre.optim.batch_size, max_steps=steps, lr=1e-3, warmup_steps=min(50, steps // 10),
+                          decay_fraction=0.3, weight_decay=0.0),
+        run=RunConfig(out=out / twin, seed=pre.run.seed, val_every=10**9, save_every=max(1, steps // 4),
+                      keep_checkpoints=100, log_every=50, resume=True, progress=False))
+
+
 def sft_config(recipe: ReversalRecipe, objective: str, base: Path, data: Path) -> SFTConfig:
-    return config_replace(recipe.sft, **{"objective": objective, "model": base, "data.source": data,
+    name, block = objective_of(objective)
+    return config_replace(recipe.sft, **{"objective": name, "block_length": block, "model": base, "data.source": data,
                                          "run.out": recipe.benchmark.out / f"{objective}-sft"})
 
 
@@ -58,7 +79,7 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     digest = hashlib.sha256(b"".join(bytes.fromhex(file_sha256(f)) for f in inputs)).hexdigest()
     saved, record = run / "config.yaml", run / "benchmark.json"
     same_inputs = saved.is_file() and record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == digest
-    same = same_inputs and (yaml.safe_load(saved.read_text()) == json.loads(json.dumps(wanted)) or rewind(run, config))
+    same = same_inputs and (saved_recipe(run, config) == plain(wanted) or rewind(run, config))
     kept = json.loads(record.read_text()) if same else {}
     if same and (run / "final").is_dir() and "train_s" in kept:
         print(f"reusing {run / 'final'}", file=sys.stderr)
@@ -67,6 +88,7 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     if run.exists() and not same:
         from remask.atomic import remove_dir
 
+        print(f"{run}: {'another recipe' if same_inputs else 'other inputs'}: training it anew", file=sys.stderr)
         remove_dir(run)
     if same:
         print(f"resuming {run}", file=sys.stderr)
@@ -88,6 +110,26 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     return final, sum(sessions)
 
 
+def plain(config: dict) -> dict:
+    """A config's dict as its YAML file reads back (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(config))
+
+
+def saved_recipe(run: Path, config) -> dict | None:
+    """run/config.yaml as `config`'s class reads it: a setting added to the class since the run was
+    written counts at its default, so that a new setting no project recipe uses leaves every saved
+    run the same recipe (they were removed and retrained from step 0); the file as read where it
+    is not such a config."""
+    before = yaml.safe_load((run / "config.yaml").read_text())
+    from_dict = getattr(type(config), "from_dict", None)
+    if from_dict is None or not isinstance(before, dict):
+        return before
+    try:
+        return plain(from_dict(before).to_dict())
+    except (RemaskError, TypeError, ValueError):
+        return before
+
+
 def rewind(run: Path, config) -> bool:
     """Make a run under another `optim.max_steps` (the rest of its recipe the same) a run under
     `config`: its checkpoints up to the steps both schedules take alike (the learning rate's decay
@@ -99,8 +141,7 @@ def rewind(run: Path, config) -> bool:
     from remask.train.checkpointing import step_dirs
     from remask.train.optim import shared_steps
 
-    before = yaml.safe_load((run / "config.yaml").read_text())
-    wanted = json.loads(json.dumps(config.to_dict()))
+    before, wanted = saved_recipe(run, config), plain(config.to_dict())
     if not isinstance(before, dict) or "optim" not in wanted or not isinstance(before.get("optim"), dict):
         return False
     steps = before["optim"].get("max_steps")
@@ -173,7 +214,8 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
     recipe = worker_recipe(recipe)
     try:
         config = pretrain_config(recipe, objective, corpus)
-        base, pretrain_s = train_once(config.run.out, config, pretrain, [corpus])
+        inputs = [corpus] + ([config.model.init_from / "model.safetensors"] if config.model.init_from else [])
+        base, pretrain_s = train_once(config.run.out, config, pretrain, inputs)
         # the kept trajectory's own seconds, however many sessions it took (the record may have begun
         # after the first of them; a lengthened run's replaced decay is not part of its cost)
         pretrain_s = metrics_seconds(config.run.out) or pretrain_s
@@ -200,11 +242,15 @@ def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[d
             done = pool.starmap(train_objective, jobs)
     else:
         done = [train_objective(*job) for job in jobs]
+    per_twin = [sum(times.values()) for _, times in done]
+    # the block twin starts from the diffusion twin's final model: trained after both, on every core
+    done += [train_objective(config_replace(recipe, **{"benchmark.jobs": 1}), twin, corpus, sft_data)
+             for twin in twins(recipe)[len(OBJECTIVES):]]
     models, timings = {}, {}
     for found, times in done:
         models |= found
         timings |= times
-    per_twin = [timings[f"{o}_pretrain_s"] + timings[f"{o}_sft_s"] for o in OBJECTIVES]
-    timings["training_s"] = max(per_twin) if recipe.benchmark.jobs > 1 else sum(per_twin)
+    timings["training_s"] = (max(per_twin) if recipe.benchmark.jobs > 1 else sum(per_twin)) + sum(
+        sum(times.values()) for _, times in done[len(OBJECTIVES):])
     timings["training_wall_s"] = time.perf_counter() - started
     return models, timings

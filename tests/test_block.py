@@ -18,6 +18,7 @@ from remask.diffusion.block import (
     two_stream_mask,
 )
 from remask.diffusion.likelihood import token_log_probs
+from remask.errors import RemaskError
 from remask.model import build_model
 from remask.sampling import SamplerConfig, generate
 from remask.sampling.engine import Engine
@@ -316,3 +317,49 @@ def test_block_settings_are_checked_before_anything_is_written(corpus, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# --- infilling ---------------------------------------------------------------------------------------
+
+
+def test_a_block_model_infills_from_a_block_boundary_seeing_its_own_block_only(poem_tokenizer):
+    """`Pipeline.infill` on a block model: with the block offset, the text after BOS starts a block,
+    and the fill equals a hand-written loop (the whole canvas at those rotary positions every step,
+    the most confident mask revealed); tokens in a later block than the masks never change the
+    fill, and in the masks' own block they do (for some change of them)."""
+    from remask.pipeline import Pipeline
+
+    tok = poem_tokenizer
+    cfg = tiny_config(tok.vocab_size, max_sequence_length=64, init_std=0.3, attention="block", block_length=8)
+    model = build_model(cfg, seed=5, dtype=torch.float64).eval()
+    pipe = Pipeline(model, tok)
+    assert pipe.block_offset() == 7 and pipe.layout == "block"
+    text = tok.encode("床前明月光，疑是地上霜。")
+    ids = [tok.bos_id, *[tok.mask_id] * 5, *text[5:]]  # the first half unknown
+    region = slice(1, 6)
+    sampler = SamplerConfig(gen_length=5, steps=5, block_length=None, temperature=0.0)
+
+    def by_hand(ids, offset):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(5):
+                logits = model(x, positions=torch.arange(offset, offset + x.shape[1]))[0, :, :tok.vocab_size]
+                logits[:, tok.mask_id] = float("-inf")
+                conf, pred = logits.softmax(-1).max(-1)
+                masked = (x[0] == tok.mask_id) & (torch.arange(x.shape[1]) >= 1) & (torch.arange(x.shape[1]) < 6)
+                i = int(torch.where(masked, conf, torch.tensor(-1.0, dtype=conf.dtype)).argmax())
+                x[0, i] = pred[i]
+        return x[0, region].tolist()
+
+    for offset in (0, 7):
+        assert pipe.infill(ids, region, sampler, offset=offset) == by_hand(ids, offset)
+    assert by_hand(ids, 0) != by_hand(ids, 7)  # the grid matters here: an ignored offset fails the line above
+    # offset 0: block 0 is BOS and the first 7 text tokens; text from index 7 on (…地上霜。) lies in later blocks
+    later = [*ids[:8], *[(t + 3) % (tok.vocab_size - 8) for t in ids[8:]]]
+    assert pipe.infill(later, region, sampler) == pipe.infill(ids, region, sampler)
+    # offset 7: the 12 text tokens from position 8: the masks and the next 3 text tokens share block 1
+    fills = {tuple(pipe.infill([*ids[:6], *[t + k for t in ids[6:9]], *ids[9:]], region, sampler, offset=7))
+             for k in range(1, 12)}
+    assert len(fills) > 1
+    with pytest.raises(RemaskError, match="a block model infills with no cache"):
+        pipe.infill(ids, region, sampler.replace(parallel="threshold", threshold=0.9))

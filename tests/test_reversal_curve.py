@@ -155,6 +155,30 @@ def test_a_lengthened_run_resumes_from_its_last_shared_checkpoint_and_equals_a_f
     assert calls[-1] == [] and "rewound" not in json.loads((tmp_path / "run" / "benchmark.json").read_text())
 
 
+def test_a_saved_run_without_a_setting_added_since_is_the_same_recipe(corpus, tmp_path):
+    """A finished run whose config.yaml predates a setting (written before it existed: the key
+    absent) is reused while the recipe leaves that setting at its default; it used to be removed and
+    retrained from step 0, as a new setting made every saved file differ. A real change still trains
+    anew."""
+    from test_train import tiny_cfg
+
+    from remask.train.pretrain import pretrain
+
+    bench = bench_module("reversal")
+    cfg = tiny_cfg(corpus, tmp_path / "run", max_steps=2, val_every=100)
+    final, seconds = bench.train_once(cfg.run.out, cfg, pretrain, [corpus])
+    saved = yaml.safe_load((cfg.run.out / "config.yaml").read_text())
+    for key in ("block_length", "t_min", "t_max"):  # settings added after runs were saved
+        del saved[key]
+    (cfg.run.out / "config.yaml").write_text(yaml.safe_dump(saved))
+    calls = []
+    assert bench.train_once(cfg.run.out, cfg, lambda c: calls.append(c), [corpus]) == (final, seconds)
+    assert calls == [] and (final / "model.safetensors").is_file()
+    changed = cfg.replace(t_max=0.5)  # the setting itself changed: another recipe
+    bench.train_once(cfg.run.out, changed, lambda c: calls.append(c) or pretrain(c), [corpus])
+    assert calls == [changed]
+
+
 # --- the curve ----------------------------------------------------------------------------------------
 
 
@@ -280,3 +304,43 @@ def test_training_seconds_add_up_over_sessions_from_the_metrics(tmp_path):
     assert common.metrics_seconds(tmp_path) == pytest.approx(10 + 5 + 2)
     assert common.metrics_seconds(tmp_path, until_step=100) == pytest.approx(10 + 5)
     assert common.metrics_seconds(tmp_path / "nowhere") is None
+
+
+def test_the_block_twin_is_converted_fine_tuned_and_asked_every_probe(tmp_path):
+    """With benchmark.block_twin set, the benchmark converts the trained diffusion twin to a block
+    model (BD3-LM's objective, from its final weights), fine-tunes it with the block objective, and
+    puts every probe to it beside the other two: each section of the results has a row for it, its
+    plain probes read from a block boundary."""
+    from safetensors.torch import load_file
+
+    from remask.checkpoint import load_model
+
+    bench, evaluation = bench_module("reversal"), bench_module("reversal_eval")
+    evaluate_all, twins = evaluation.evaluate_all, evaluation.twins
+    overrides = ["pretrain.model.preset=tiny", "pretrain.optim.max_steps=3", "pretrain.optim.warmup_steps=1",
+                 "sft.optim.max_steps=2", "sft.optim.warmup_steps=1", "benchmark.block_steps=2",
+                 "benchmark.block_twin=4", "benchmark.poem_count=4", "benchmark.fact_count=4",
+                 "benchmark.person_count=4", "benchmark.long_poems=0", "benchmark.jobs=1",
+                 "benchmark.poem_answer_length=8", "benchmark.fact_answer_length=8", "pretrain.data.seq_len=64",
+                 "benchmark.probe_window=0",
+                 "pretrain.run.progress=false", "sft.run.progress=false"]
+    recipe = bench.load(bench.RECIPE, overrides, out=str(tmp_path), parts=["train", "eval"])
+    assert twins(recipe) == ("mdm", "ar", "bd4") and twins(recipe.replace(
+        benchmark=recipe.benchmark.replace(block_twin=None))) == ("mdm", "ar")
+    data = bench.build_data(recipe.benchmark, 0)
+    corpus, sft_data = bench.write_data(recipe.benchmark, data, 0)
+    models, timings = bench.train_twins(recipe, corpus, sft_data)
+    base, tuned = load_model(models["bd4"]), load_model(models["bd4-sft"])
+    assert (base.config.attention, base.config.block_length) == ("block", 4) == (tuned.config.attention,
+                                                                                tuned.config.block_length)
+    assert bench.pretrain_config(recipe, "bd4", corpus).model.init_from == tmp_path / "mdm" / "final"
+    assert load_file(models["bd4"] / "model.safetensors").keys() == load_file(models["mdm"] / "model.safetensors").keys()
+    assert timings["bd4_pretrain_s"] > 0 and timings["bd4_sft_s"] > 0
+    results = evaluate_all(recipe, data, models)
+    for section in (results, results["capitals"], results["people"], results["sft_fit"], results["sft_pairs"]["qa"],
+                    results["sft_pairs"]["plain"], *results["plain"].values()):
+        assert set(section) >= {"mdm", "ar", "bd4"}
+    assert results["plain"]["poem"]["bd4"]["couplet"]["block_offset"] == 3
+    assert results["plain"]["poem"]["bd4"]["couplet"]["backward"] is not None  # infilled, not continued
+    assert results["twins"]["bd4"] == {"attention": "block", "block_length": 4,
+                                       "pretrained_from": "the diffusion twin's final model, converted for 2 steps"}

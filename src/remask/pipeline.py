@@ -90,6 +90,17 @@ class Pipeline:
     def model_fn(self, ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.model(ids, attention_mask)[..., : self.model.config.vocab_size]  # drop padded rows
 
+    def block_offset(self) -> int:
+        """The position shift that starts text after a BOS token on a block boundary (the BOS the
+        last token of the block before): a block model then reads a pair of halves of up to
+        block_length tokens inside one block, both ways round. 0 for other layouts."""
+        return self.model.config.block_length - 1 if self.layout == "block" else 0
+
+    @property
+    def layout(self) -> str:
+        """The model's attention layout: full, causal or block."""
+        return getattr(self.model.config, "attention", "causal" if self.causal else "full")
+
     def stop_ids(self) -> list[int]:
         return [i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None]
 
@@ -181,18 +192,33 @@ class Pipeline:
                                   temperature=temperature, generator=generators)
         return x[:, ids.shape[1]:].tolist()
 
-    def infill(self, ids: list[int], region: slice, sampler: SamplerConfig, *, seed: int = 0) -> list[int]:
+    def infill(self, ids: list[int], region: slice, sampler: SamplerConfig, *, seed: int = 0,
+               offset: int = 0) -> list[int]:
         """Reveal the masks of `ids` inside `region` (sampler.gen_length long) and nothing else: text
         on either side and masks outside it are context. The reference `fill_masks` with no cache and
         the schedule rule; the fast engine's `fill_masks_fast` for a cache or a parallel rule. The
-        region's ids."""
-        self.check_context(len(ids), 0, what="the text to infill")
+        region's ids. `offset` shifts the rotary positions to offset, offset + 1, ...: the same
+        attention for a full or causal model (rotary attention is relative), but for a block model
+        it places the block grid (`block_offset`). A block model fills by the reference rule on the
+        whole canvas under its block mask, exact at every step; RemaskError for a cache or a
+        parallel rule there (the engine's infilling caches assume full attention)."""
+        self.check_context(offset + len(ids), 0, what="the text to infill")
         x, generator = torch.tensor([ids], device=self.device), self.generator(seed)
         mask_id = self.tokenizer.mask_id
+        fast = sampler.cache != "none" or sampler.parallel != "schedule"
+        if self.layout == "block" and fast:
+            raise RemaskError("a block model infills with no cache and the schedule rule (--cache none --parallel schedule)")
+        positions = torch.arange(offset, offset + len(ids), device=self.device)
+
+        def model_fn(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+            return self.model(ids, attention_mask, positions)[..., : self.model.config.vocab_size]
+
+        model_fn = self.model_fn if offset == 0 else model_fn
+
         with torch.no_grad():
-            if sampler.cache != "none" or sampler.parallel != "schedule":
+            if fast:
                 x, _ = fill_masks_fast(self.model, x, region, sampler, mask_id=mask_id,
                                        vocab_size=self.model.config.vocab_size, generator=generator)
             else:
-                x = fill_masks(self.model_fn, x, sampler, mask_id=mask_id, generator=generator, region=region)
+                x = fill_masks(model_fn, x, sampler, mask_id=mask_id, generator=generator, region=region)
         return x[0, region].tolist()

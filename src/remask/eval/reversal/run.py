@@ -92,12 +92,15 @@ def _continue(pipe: Pipeline, probes: list[Probe], temperature: float, seed: int
 def _infill(pipe: Pipeline, probe: Probe, sampler: SamplerConfig, seed: int, window: int | None) -> str:
     """The diffusion model's probe: the n masks of the unknown half revealed by the sampler's rules
     at its steps per answer position, masks up to `window` after the text never revealed; a cache
-    or a parallel rule fills through the fast engine, otherwise the reference `fill_masks`."""
-    tok = pipe.tokenizer
+    or a parallel rule fills through the fast engine, otherwise the reference `fill_masks`. A block
+    model reads the text from a block boundary (`Pipeline.block_offset`): a pair of up to
+    block_length tokens lies inside one block, where it sees both halves; a longer one spans
+    blocks, and a half in a later block is hidden from the masks before it."""
+    tok, offset = pipe.tokenizer, pipe.block_offset()
     ids, region = probe.masked(tok.mask_id, window)
-    pipe.check_context(len(ids) - probe.n, probe.n, what=f"the {probe.direction} probe of the pair {probe.pair}")
+    pipe.check_context(offset + len(ids) - probe.n, probe.n, what=f"the {probe.direction} probe of the pair {probe.pair}")
     fill = sampler.replace(steps=probe_steps(sampler, probe.n), gen_length=probe.n, block_length=None)
-    return tok.decode(pipe.infill(ids, region, fill, seed=seed))
+    return tok.decode(pipe.infill(ids, region, fill, seed=seed, offset=offset))
 
 
 def probe_answers(pipe: Pipeline, pairs: Sequence[Pair], direction: Direction, *, template: str,
@@ -174,8 +177,11 @@ def evaluate(models: Sequence[str | Path], test: str | Path, *, sampler: Sampler
         row: dict = {"kind": {"causal": "autoregressive", "block": "block diffusion"}.get(pipe.model.config.attention, "diffusion")}
         if mode != "qa" and not pipe.causal:
             row["window"] = trained_seq_len(directory) if window is None else window
-            if (row["window"] or 0) > pipe.context:
-                raise RemaskError(f"--window {row['window']} exceeds {directory}'s context of {pipe.context} tokens")
+            if (row["window"] or 0) + pipe.block_offset() > pipe.context:
+                raise RemaskError(f"--window {row['window']} exceeds {directory}'s context of {pipe.context} tokens"
+                                  + (f" (less the block offset {pipe.block_offset()})" if pipe.block_offset() else ""))
+            if pipe.block_offset():
+                row["block_offset"] = pipe.block_offset()
         for direction in DIRECTIONS:
             said = answers(pipe, pairs, direction, mode=mode, kind=kind, sampler=sampler, seed=seed,
                            statement_style=statement_style, window=row.get("window"), batch_size=batch_size)
