@@ -183,3 +183,40 @@ def test_engine_add_refuses_a_prompt_beyond_the_context():
     with pytest.raises(RemaskError, match="context of 10 tokens"):
         explicit.add([1, 2, 3], SamplerConfig(gen_length=8, steps=8))
     assert not calls
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"parallel": "threshold", "threshold": 0.3}, {"parallel": "factor", "factor": 1.0},
+    {"parallel": "entropy", "entropy_bound": 0.5}, {"eos": "delay"}, {"eos": "forbid", "remasking": "margin"},
+    {"temperature": 0.8}, {"remasking": "random"}])
+def test_rows_revealed_together_equal_each_row_revealed_alone(model, settings):
+    """`reveal_rows` over rows at different steps of their blocks (and rows of another block
+    width) gives each row what it gets alone: the same reveals, sequence, reveal steps and block;
+    rows drawing randomness keep to their own generators."""
+    import copy
+
+    from remask.sampling.engine.reveal import batches, reveal_rows
+
+    V, mask = model.config.vocab_size, model.config.vocab_size - 1
+    sampler = SamplerConfig(gen_length=12, steps=12, block_length=4, **settings)
+    engine = Engine(model, mask_id=mask, vocab_size=V, eos_ids=[V - 2])
+    rows = [engine.add(torch.arange(3 + i) % (V - 3), sampler, generator=torch.Generator().manual_seed(i))
+            for i in range(4)]
+    rows.append(engine.add(torch.arange(5) % (V - 3), sampler.replace(block_length=2),
+                           generator=torch.Generator().manual_seed(9)))  # blocks of 2: another group
+    random = settings.get("temperature", 0) > 0 or settings.get("remasking") == "random"
+    assert len(batches(rows)) == (len(rows) if random else 2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(7):  # rows drift apart: blocks end after different numbers of steps under the parallel rules
+        live = [r for r in rows if not r.finished]
+        logits = {id(r): torch.randn(r.current.stop - r.current.start, V, generator=g, dtype=torch.float64) * 3
+                  for r in live}
+        alone = [copy.deepcopy(r) for r in live]
+        for a, r in zip(alone, live):
+            reveal_rows([a], {id(a): logits[id(r)]}, mask_id=mask, vocab_size=V)
+        reveal_rows(live, logits, mask_id=mask, vocab_size=V)
+        for a, r in zip(alone, live):
+            assert torch.equal(a.seq, r.seq) and torch.equal(a.reveal_step, r.reveal_step)
+            assert (a.block, a.step_in_block, a.finished) == (r.block, r.step_in_block, r.finished)
+            if r.generator is not None:
+                assert torch.equal(a.generator.get_state(), r.generator.get_state())

@@ -11,7 +11,7 @@ from torch import Tensor
 from remask.diffusion.block import answer_offsets
 from remask.errors import RemaskError, check_fits
 from remask.sampling.config import SamplerConfig
-from remask.sampling.engine.reveal import reveal
+from remask.sampling.engine.reveal import reveal_rows
 from remask.sampling.engine.rows import Row, RowResult, SamplingStats
 from remask.sampling.engine.runner import PASSES, Runner
 from remask.sampling.engine.scheduler import plan
@@ -127,9 +127,9 @@ class Engine:
             return []
         logits = self.runner.run(plan(self.rows, list(PASSES)))  # id(row) -> (N, V') its block's logits
         finished = []
-        for row in self.rows:
+        steps = reveal_rows(self.rows, logits, mask_id=self.mask_id, vocab_size=self.vocab_size)
+        for row, step in zip(self.rows, steps):
             row.passes += 1
-            step = reveal(row, logits[id(row)], mask_id=self.mask_id, vocab_size=self.vocab_size)
             self.stats.steps = max(self.stats.steps, step + 1)
             if row.finished:
                 finished.append(row.result())
