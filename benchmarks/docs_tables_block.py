@@ -20,6 +20,14 @@ def block_nelbo() -> list[str]:
     return table(["model", "nats per token (± s.e.)", "measure"], rows) + ["", note, "", source("block")]
 
 
+def reached(curve: list[dict], step: int | None) -> str:
+    """Between which checkpoints of a conversion its NELBO first reached the target, and the seconds by then."""
+    if step is None:
+        return "not reached"
+    i = next(i for i, p in enumerate(curve) if p["step"] == step)
+    return f"{curve[i - 1]['step'] if i else 0}-{step} ({curve[i]['seconds']:.0f} s)"
+
+
 def block_convert() -> list[str]:
     """Each conversion's NELBO after its steps, and when the scratch run reached as good a value."""
     part = results("block")["convert"]
@@ -29,10 +37,10 @@ def block_convert() -> list[str]:
     for name, label in (("ar-to-bd8", "from the trained AR twin"), ("mdm-to-bd8", "from the trained diffusion model")):
         end = part[name]["curve"][-1]
         i = next((i for i, p in enumerate(scratch) if p["nats_per_token"] <= end["nats_per_token"]), None)
-        when = DASH if i is None else f"{scratch[i - 1]['step'] if i else 0}-{scratch[i]['step']} steps ({scratch[i]['seconds']:.0f} s)"
-        hit = part[name]["steps_to_target"]
+        when = (f"not within its {scratch[-1]['step']} steps" if i is None else
+                f"{scratch[i - 1]['step'] if i else 0}-{scratch[i]['step']} steps ({scratch[i]['seconds']:.0f} s)")
         rows.append([label, f"{end['step']} ({end['seconds']:.0f} s)", f"{end['nats_per_token']:.3f}", when,
-                     DASH if hit is None else str(hit)])
+                     reached(part[name]["curve"], part[name]["steps_to_target"])])
     header = ["L' = 8 block model", "fine-tuning steps (time)", "NELBO, nats/token", "scratch run reaches it between",
               "steps to the scratch model's final NELBO"]
     note = f"On {part['windows']} held-out windows; the scratch model's final NELBO {part['target_nats_per_token']:.3f}. "

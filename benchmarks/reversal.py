@@ -1,6 +1,10 @@
 """The reversal curse, side by side: a masked diffusion model and its AR twin (same size, data,
 token count and recipe) pretrained on poems and facts, fine-tuned on forward and backward questions
-about part of them, and tested on the rest, which they saw in pretraining only.
+about part of them, and tested on the rest, which they saw in pretraining only; with them a third
+twin between the two, the diffusion twin converted to a block diffusion model (`block_twin`
+positions per block, `block_steps` steps of BD3-LM's objective on the same corpus) and fine-tuned
+with the block objective, whose plain probes read from a block boundary (a couplet of up to
+`block_twin` tokens inside one block).
 
     python benchmarks/reversal.py [--recipe recipes/reversal.yaml] [--poems FILE] [--holdout PAIRS.jsonl]
         [--parts data train eval ablations] [--out DIR] [--set pretrain.optim.max_steps=100 benchmark.poem_count=8 ...]

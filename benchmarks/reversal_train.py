@@ -1,6 +1,6 @@
 """The reversal benchmark's training (benchmarks/reversal.py): each twin pretrained on the corpus
-and fine-tuned on the SFT dialogues, side by side, a run reused when its recipe and inputs are
-unchanged and resumed when it stopped part way."""
+(the block twin converted from the diffusion twin) and fine-tuned on the SFT dialogues, a run
+reused when its recipe and inputs are unchanged and resumed when it stopped part way."""
 
 from __future__ import annotations
 
@@ -111,8 +111,12 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
 
 
 def plain(config: dict) -> dict:
-    """A config's dict as its YAML file reads back (paths as strings, tuples as lists)."""
-    return json.loads(json.dumps(config))
+    """A config's dict as its YAML file reads back (paths as strings, tuples as lists), less what
+    only changes the display (run.progress: a run fine-tuned in a worker has no progress bar)."""
+    out = json.loads(json.dumps(config))
+    if isinstance(out.get("run"), dict):
+        out["run"].pop("progress", None)
+    return out
 
 
 def saved_recipe(run: Path, config) -> dict | None:
@@ -122,12 +126,12 @@ def saved_recipe(run: Path, config) -> dict | None:
     is not such a config."""
     before = yaml.safe_load((run / "config.yaml").read_text())
     from_dict = getattr(type(config), "from_dict", None)
-    if from_dict is None or not isinstance(before, dict):
+    if not isinstance(before, dict):
         return before
     try:
-        return plain(from_dict(before).to_dict())
+        return plain(before if from_dict is None else from_dict(before).to_dict())
     except (RemaskError, TypeError, ValueError):
-        return before
+        return plain(before)
 
 
 def rewind(run: Path, config) -> bool:
@@ -228,8 +232,9 @@ def train_objective(recipe: ReversalRecipe, objective: str, corpus: Path,
 
 
 def train_twins(recipe: ReversalRecipe, corpus: Path, sft_data: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """Both twins' models, and their timings: training counts as long as it took when done (reused
-    models keep their seconds), `training_s` side by side or one after the other."""
+    """Every twin's models, and their timings: training counts as long as it took when done (reused
+    models keep their seconds), `training_s` side by side or one after the other; the block twin
+    (benchmark.block_twin) after the other two, as it starts from the diffusion twin's final model."""
     jobs = [(recipe, objective, corpus, sft_data) for objective in OBJECTIVES]
     started = time.perf_counter()
     if recipe.benchmark.jobs > 1:  # one process per model, the cores shared out (more tokens/s in all than one at a time)

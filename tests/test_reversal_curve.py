@@ -157,9 +157,9 @@ def test_a_lengthened_run_resumes_from_its_last_shared_checkpoint_and_equals_a_f
 
 def test_a_saved_run_without_a_setting_added_since_is_the_same_recipe(corpus, tmp_path):
     """A finished run whose config.yaml predates a setting (written before it existed: the key
-    absent) is reused while the recipe leaves that setting at its default; it used to be removed and
-    retrained from step 0, as a new setting made every saved file differ. A real change still trains
-    anew."""
+    absent) is reused while the recipe leaves that setting at its default, and so is one written with
+    another progress display; it used to be removed and retrained from step 0, as a new setting
+    made every saved file differ. A real change still trains anew."""
     from test_train import tiny_cfg
 
     from remask.train.pretrain import pretrain
@@ -174,6 +174,8 @@ def test_a_saved_run_without_a_setting_added_since_is_the_same_recipe(corpus, tm
     calls = []
     assert bench.train_once(cfg.run.out, cfg, lambda c: calls.append(c), [corpus]) == (final, seconds)
     assert calls == [] and (final / "model.safetensors").is_file()
+    quiet = cfg.replace(run=cfg.run.replace(progress=not cfg.run.progress))  # the display only
+    assert bench.train_once(cfg.run.out, quiet, lambda c: calls.append(c), [corpus]) == (final, seconds) and calls == []
     changed = cfg.replace(t_max=0.5)  # the setting itself changed: another recipe
     bench.train_once(cfg.run.out, changed, lambda c: calls.append(c) or pretrain(c), [corpus])
     assert calls == [changed]
