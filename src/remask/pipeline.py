@@ -210,15 +210,14 @@ class Pipeline:
             raise RemaskError("a block model infills with no cache and the schedule rule (--cache none --parallel schedule)")
         positions = torch.arange(offset, offset + len(ids), device=self.device)
 
-        def model_fn(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        def shifted(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
             return self.model(ids, attention_mask, positions)[..., : self.model.config.vocab_size]
-
-        model_fn = self.model_fn if offset == 0 else model_fn
 
         with torch.no_grad():
             if fast:
                 x, _ = fill_masks_fast(self.model, x, region, sampler, mask_id=mask_id,
                                        vocab_size=self.model.config.vocab_size, generator=generator)
             else:
-                x = fill_masks(model_fn, x, sampler, mask_id=mask_id, generator=generator, region=region)
+                x = fill_masks(shifted if offset else self.model_fn, x, sampler, mask_id=mask_id, generator=generator,
+                               region=region)
         return x[0, region].tolist()
