@@ -34,7 +34,8 @@ own options; the flags and `--set` (dotted KEY=VALUE overrides) change it.
   model's infilling against steps, remasking and the probe's window.
 
 Models are kept under `out` (default runs/reversal/) and reused when their recipe, data and base
-weights are unchanged (the timing then reports the seconds they took to train), with the corpus,
+weights are unchanged (the timing then reports the seconds they took to train; a run of another
+recipe is trained anew, the old one kept beside it as NAME.previous), with the corpus,
 the SFT dialogues and the test pairs (test_pairs.jsonl, in `--holdout`'s format); `--parts data`
 writes those three and stops. Writes benchmarks/results/reversal.json (and reversal_ablations.json
 + PNG with --parts ablations). Bad input is one `error:` line and exit code 2.

@@ -72,7 +72,8 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
     timing is its cost from scratch. A run stopped part way from the same recipe and inputs resumes
     from its last checkpoint (its seconds: those of every session it took, as the record keeps them),
     and one under another `optim.max_steps` from the last checkpoint both schedules share (`rewind`);
-    one from another recipe or inputs is removed and trained anew."""
+    one from another recipe or inputs is moved to run.previous (replacing the one there) and
+    trained anew."""
     import hashlib
 
     wanted = config.to_dict()
@@ -85,11 +86,16 @@ def train_once(run: Path, config, workflow, inputs: list[Path]) -> tuple[Path, f
         print(f"reusing {run / 'final'}", file=sys.stderr)
         return run / "final", kept["train_s"]
     earlier, history = kept.get("sessions_s", []), {k: v for k, v in kept.items() if k == "rewound"}
-    if run.exists() and not same:
+    if run.exists() and not same:  # kept aside, not deleted: hours of training are one mistaken change away
+        import os
+
         from remask.atomic import remove_dir
 
-        print(f"{run}: {'another recipe' if same_inputs else 'other inputs'}: training it anew", file=sys.stderr)
-        remove_dir(run)
+        aside = run.with_name(run.name + ".previous")
+        remove_dir(aside)
+        os.rename(run, aside)
+        print(f"{run}: {'another recipe' if same_inputs else 'other inputs'}: training it anew (the old run is "
+              f"kept in {aside} until the next such change)", file=sys.stderr)
     if same:
         print(f"resuming {run}", file=sys.stderr)
     run.mkdir(parents=True, exist_ok=True)

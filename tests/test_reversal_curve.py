@@ -124,6 +124,8 @@ def test_an_interrupted_benchmark_run_resumes_and_counts_every_session(tmp_path)
     assert bench.train_once(run, FakeConfig(1.0), workflow, [data]) == (final, seconds) and len(calls) == 2
     bench.train_once(run, FakeConfig(2.0), workflow, [data])  # another recipe: from scratch
     assert (run / "progress").read_text() == "x" and calls[-1] == ["benchmark.json"]
+    kept = tmp_path / "run.previous"  # the replaced run kept aside, not deleted
+    assert (kept / "progress").read_text() == "xx" and (kept / "final").is_dir()
 
 
 def test_a_lengthened_run_resumes_from_its_last_shared_checkpoint_and_equals_a_fresh_one(corpus, tmp_path):
