@@ -233,6 +233,31 @@ def test_batched_rows_equal_single_rows_at_different_blocks():
     assert [rows[0].result().answer, rows[2].result().answer] == [singles[0], singles[2]]
 
 
+def test_a_joining_row_runs_its_prompt_in_a_pass_of_its_own():
+    """A row's first pass (its prompt, nothing cached yet) is not batched with the other rows'
+    steps, which would pad each of them to the prompt's width; later passes run at most the
+    finished block and the current one (2 L' positions) a row."""
+    model = block_model(4)
+    widths = []  # (batch rows, width, whether the pass reads a cache) of each forward pass
+    forward = model.forward
+
+    def spy(ids, *args, past=None, **kw):
+        widths.append((ids.shape[0], ids.shape[1], past is not None))
+        return forward(ids, *args, past=past, **kw)
+
+    model.forward = spy
+    g = torch.Generator().manual_seed(12)
+    engine = Engine(model, mask_id=MASK, vocab_size=V)
+    sampler = SamplerConfig(gen_length=12, steps=12, stop_at_eos=False)
+    rows = [engine.add(torch.randint(0, V - 2, (3,), generator=g), sampler)]
+    engine.step(), engine.step()
+    rows.append(engine.add(torch.randint(0, V - 2, (20,), generator=g), sampler))  # a long prompt joins
+    engine.step()
+    assert widths[-2:] == [(1, 20 + 4, False), (1, 4, True)]  # its prompt alone; the first row's step alone
+    engine.run()
+    assert all(w <= 8 for _, w, cached in widths if cached) and widths[4][0] == 2  # then they share steps
+
+
 def test_block_sampling_stops_at_end_of_text_and_the_row_leaves():
     """No fixed answer length: a row ends in the block where its end-of-text is revealed with
     everything before it, costs nothing after, and the others run on unchanged."""

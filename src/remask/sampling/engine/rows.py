@@ -51,7 +51,8 @@ class Row:
     the whole sequence from the full pass that started the current block (`fresh`), `past` the part
     of it that the block's cached passes reuse (derived once per block, None until then). A block
     model's row (`grid` set) has its exact keys/values in the block pass's batched buffer
-    (`runner.Slab`); `cached_upto` says how far they reach."""
+    (`runner.Slab`); `cached_upto` says how far they reach (its first pass leaves its prompt's in
+    `cache` until the buffer takes them)."""
 
     seq: Tensor  # (L,) prompt + answer positions
     prompt_len: int

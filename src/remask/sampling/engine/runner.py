@@ -9,7 +9,10 @@ name in `PASSES` (the scheduler names them; `Engine.step` runs whatever the plan
 - `cached`: the current block (`dual`), or the block and the masked suffix after it (`prefix`),
   against the cached keys/values of the rest, which are stale by what the block has revealed
   since the refresh (Fast-dLLM's caches); nothing kept.
-- `block` (a block model's rows): the current block and the block just finished (whose
+- `block_start` (a block model's row at its first pass): the prompt and the first block, nothing
+  reused; the prompt's keys/values are kept. A pass of its own, so that a row joining a batch
+  does not pad every other row's step to the width of its prompt;
+- `block` (a block model's rows after that): the current block and the block just finished (whose
   keys/values are not cached yet) against the exact keys/values of the finished blocks before;
   the finished block's keys/values are kept. Exact: nothing is approximated.
 
@@ -221,40 +224,82 @@ class CachedPass:
 register(CachedPass())
 
 
+def block_spec(row: Row) -> PassSpec:
+    """A block model's row: its positions from the first uncached one to the end of its current
+    block, against its cached ones; the finished positions before the current block are kept."""
+    lo, hi, done = row.current.start, row.current.stop, row.cached_upto
+    return PassSpec(recompute=(slice(done, hi),), reuse=(slice(0, done),), logits=slice(lo, hi),
+                    keep=(slice(done, lo),) if lo > done else ())
+
+
+def block_batch(rows: list[Row], specs: list[PassSpec], runner: Runner) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block rows' recomputed spans padded on the right, on each row's rotary grid: ids, attention
+    mask, positions (B, W), and where each row's current block lies in them (B, N)."""
+    spans = [s.recompute[0] for s in specs]
+    ids, attn, positions, _ = padded([r.seq[span] for r, span in zip(rows, spans)],
+                                     [r.grid + torch.arange(span.start, span.stop, device=runner.device)
+                                      for r, span in zip(rows, spans)], runner.mask_id, left=False)
+    n_block = max(s.logits.stop - s.logits.start for s in specs)
+    at = torch.zeros(len(rows), n_block, dtype=torch.long, device=runner.device)
+    for i, (s, span) in enumerate(zip(specs, spans)):
+        lo = s.logits.start - span.start
+        at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=s.logits.stop - span.start - 1)
+    return ids, attn, positions, at
+
+
+def block_logits(logits: Tensor, rows: list[Row], specs: list[PassSpec]) -> dict[int, Tensor]:
+    return {id(r): logits[i, :s.logits.stop - s.logits.start] for i, (r, s) in enumerate(zip(rows, specs))}
+
+
+class BlockStartPass:
+    """A block model's rows at their first pass: the prompt (and any text given after it up to the
+    current block) with the current block, nothing cached yet; the finished positions' keys/values
+    are held on the row (`Row.cache`) until the `block` pass takes the row into its buffer."""
+
+    name = "block_start"
+
+    def spec(self, row: Row) -> PassSpec:
+        return block_spec(row)
+
+    def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
+        specs = [self.spec(r) for r in rows]
+        ids, attn, positions, at = block_batch(rows, specs, runner)
+        logits, kv = runner.forward(ids, attn, positions, return_kv=True, logits_at=at)
+        for i, (r, s) in enumerate(zip(rows, specs)):
+            if s.keep:  # right padding: the row's own positions start at 0
+                (keep,) = s.keep
+                r.cache = kv.rows(torch.tensor([i], device=runner.device)).positions(keep)
+                r.cached_upto = keep.stop
+        return block_logits(logits, rows, specs)
+
+
+register(BlockStartPass())
+
+
 class BlockPass:
     """A block model's rows (exact cache): each row's positions from its first uncached one to the
     end of its current block -- the block just finished, not yet cached, and the current block --
     against the exact keys/values of everything before; the finished positions' keys/values join
     the cache. A finished block's keys/values are exact because under the block layout nothing
-    after it changes them. The first pass of a row runs its prompt too, and caches it.
+    after it changes them.
 
     The rows' caches live in one batched buffer (`Slab`), a row per batch row, each holding its
     finished positions from 0: a pass writes its tokens' keys/values after the longest cache (the
     model's in-place `KV.allocate` protocol), and a finished block is moved to its row's place. So
-    no cache is copied or restacked from step to step; the buffer is rebuilt only when rows join or
-    leave."""
+    no cache is copied or restacked from step to step; the buffer is rebuilt only when rows join
+    (bringing the keys/values of their `block_start` pass) or leave."""
 
     name = "block"
 
     def spec(self, row: Row) -> PassSpec:
-        lo, hi, done = row.current.start, row.current.stop, row.cached_upto
-        return PassSpec(recompute=(slice(done, hi),), reuse=(slice(0, done),), logits=slice(lo, hi),
-                        keep=(slice(done, lo),) if lo > done else ())
+        return block_spec(row)
 
     def run(self, rows: list[Row], runner: Runner) -> dict[int, Tensor]:
         specs = [self.spec(r) for r in rows]
-        spans = [s.recompute[0] for s in specs]
-        ids, attn, positions, _ = padded([r.seq[span] for r, span in zip(rows, spans)],
-                                         [r.grid + torch.arange(span.start, span.stop, device=runner.device)
-                                          for r, span in zip(rows, spans)], runner.mask_id, left=False)
-        width, n_block = ids.shape[1], max(s.logits.stop - s.logits.start for s in specs)
-        at = torch.zeros(len(rows), n_block, dtype=torch.long, device=runner.device)  # (B, N) each row's block
-        for i, (s, span) in enumerate(zip(specs, spans)):
-            lo = s.logits.start - span.start
-            at[i] = torch.arange(lo, lo + n_block, device=runner.device).clamp(max=s.logits.stop - span.start - 1)
+        ids, attn, positions, at = block_batch(rows, specs, runner)
         slab = runner.kept(self.name, rows, lambda now: Slab.for_rows(now, runner.held.get(self.name), runner.model))
         filled = max(r.cached_upto for r in rows)  # this pass's keys/values go after the longest cache
-        slab.reserve(filled + width)
+        slab.reserve(filled + ids.shape[1])
         logits = runner.forward(ids, attn, positions, past=KV(slab.layers, slab.valid, filled), logits_at=at)
         slab.valid[:, filled:] = False  # the pass's own entries are scratch, except what rows keep (below)
         for i, (r, s) in enumerate(zip(rows, specs)):
@@ -262,7 +307,7 @@ class BlockPass:
                 (keep,) = s.keep
                 slab.move(i, filled, keep.start, keep.stop - keep.start)
                 r.cached_upto = keep.stop
-        return {id(r): logits[i, :s.logits.stop - s.logits.start] for i, (r, s) in enumerate(zip(rows, specs))}
+        return block_logits(logits, rows, specs)
 
 
 class Slab:
@@ -274,22 +319,28 @@ class Slab:
 
     @staticmethod
     def for_rows(rows: list[Row], held: tuple[list, Slab] | None, model: Callable) -> Slab:
-        """A buffer for `rows`: the rows of the previous buffer that are still here, new rows empty."""
+        """A buffer for `rows`: the rows of the previous buffer that are still here, and the rows
+        that join with the keys/values their `block_start` pass left on them (taken off the row)."""
         old = held[1] if held is not None else None
         where = {id(r): i for i, r in enumerate(old.rows)} if old is not None else {}
-        if any(r.cached_upto and id(r) not in where for r in rows):
-            raise RuntimeError("a block row lost its cache")  # rows join with nothing cached
+        joining = [i for i, r in enumerate(rows) if id(r) not in where]
+        if any(rows[i].cached_upto and rows[i].cache is None for i in joining):
+            raise RuntimeError("a block row lost its cache")
         if old is None:
             cfg, p = model.config, next(iter(model.parameters()))
             shape = (len(rows), cfg.effective_n_kv_heads, 0, cfg.head_dim)
-            layers = [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)]
-            return Slab(rows, layers, torch.zeros(len(rows), 0, dtype=torch.bool, device=p.device))
-        index = [where.get(id(r), -1) for r in rows]
-        pick = torch.tensor([max(i, 0) for i in index], device=old.valid.device)
-        fresh = torch.tensor([i < 0 for i in index], device=old.valid.device)
-        layers = [(k[pick], v[pick]) for k, v in old.layers]
-        valid = old.valid[pick] & ~fresh[:, None]
-        return Slab(rows, layers, valid)
+            slab = Slab(rows, [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)],
+                        torch.zeros(len(rows), 0, dtype=torch.bool, device=p.device))
+        else:
+            pick = torch.tensor([where.get(id(r), 0) for r in rows], device=old.valid.device)
+            slab = Slab(rows, [(k[pick], v[pick]) for k, v in old.layers], old.valid[pick])
+            slab.valid[joining] = False
+        slab.reserve(max(r.cached_upto for r in rows))
+        for i in joining:
+            if rows[i].cache is not None:
+                slab.load(i, rows[i].cache)
+                rows[i].cache = None
+        return slab
 
     def reserve(self, capacity: int) -> None:
         """Room for `capacity` positions (grown by doubling; the model gives the sizes on first use)."""
@@ -299,6 +350,14 @@ class Slab:
         size = max(capacity, 2 * have)
         self.valid = F.pad(self.valid, (0, size - have), value=False)
         self.layers = [(F.pad(k, (0, 0, 0, size - have)), F.pad(v, (0, 0, 0, size - have))) for k, v in self.layers]
+
+    def load(self, row: int, kv: KV) -> None:
+        """Row `row`'s cache becomes `kv` (one row's keys/values of its positions from 0)."""
+        n = kv.length
+        for (k, v), (k1, v1) in zip(self.layers, kv.layers):
+            k[row, :, :n], v[row, :, :n] = k1[0], v1[0]
+        self.valid[row, :n] = True
+        self.valid[row, n:] = False
 
     def move(self, row: int, start: int, to: int, n: int) -> None:
         """Row `row`'s n entries written at `start` by the last pass become its cache at [to, to + n)."""

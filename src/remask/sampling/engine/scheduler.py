@@ -5,7 +5,8 @@ state alone (so a row's pass, and its answer, do not depend on what it is batche
 - `none`: a full pass at every step;
 - `prefix`, `dual`: a full pass when the block starts (it refreshes the cache), cached passes
   for the rest of the block.
-A block model's row takes the `block` pass at every step (its cache is exact, so it is always on).
+A block model's row takes the `block_start` pass at its first step (its prompt, nothing cached
+yet), then the `block` pass (its cache is exact, so it is always on).
 `plan` groups the rows by pass kind; `Engine.step` runs the plan and never names a kind.
 """
 
@@ -31,9 +32,11 @@ RULES: dict[str, Callable[[Row], str]] = {"none": full_always, "prefix": refresh
 
 
 def pass_kind(row: Row) -> str:
-    """The kind of pass `row` takes at this step: a block model's row always takes the exact
-    block pass; other rows follow their cache setting."""
-    return "block" if row.grid is not None else RULES[row.sampler.cache](row)
+    """The kind of pass `row` takes at this step: a block model's row takes the exact block pass
+    (its first, before anything is cached, a pass of its own); other rows follow their cache setting."""
+    if row.grid is not None:
+        return "block" if row.cached_upto else "block_start"
+    return RULES[row.sampler.cache](row)
 
 
 def plan(rows: list[Row], order: list[str]) -> Plan:
