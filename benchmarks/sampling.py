@@ -1,13 +1,14 @@
 """Fast sampling against the reference sampler and the AR twin, on the same weights and prompts.
 
-    python benchmarks/sampling.py [--parts free memorised memorised_short couplets batch thresholds]
+    python benchmarks/sampling.py [--parts free memorised memorised_short couplets batch stream thresholds]
 
 Models: benchmarks/reversal.py's twins (runs/reversal/, run it first), their pretrained checkpoints.
 Tasks (method, tables and discussion: docs/sampling.md): free (256 positions after real prompts,
 scored against the reference's tokens and by the AR twin's NLL per character), memorised (the rest
 of a known long poem, character accuracy), memorised_short (the same within the pretraining length,
 plus blocks 8 and 16), couplets (the reversal probe, infilled by the diffusion model, continued by
-the AR twin), batch (16 mixed prompts at once against one at a time), thresholds (the sweep that
+the AR twin), batch (16 mixed prompts at once against one at a time), stream (48 requests, 16 in
+flight, each joining as another ends, against one in flight), thresholds (the sweep that
 chooses the settings, with a PNG). Per method: forward passes, tokens per pass, useful tokens/s
 (the least wall time of `--repeats` runs, which must agree), accuracy, speed-up over the reference.
 Each row names its task, method, sampler, model, settings, commit and date; a run of some parts
@@ -47,13 +48,16 @@ from sampling_tasks import (
     pretrained_length,
     short_blocks,
     task_settings,
+    until_stop,
+    useful_tokens,
 )
 
+from remask.errors import RemaskError
 from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, make_probes, score_answers
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.engine import fill_masks_fast, generate_fast
+from remask.sampling.engine import Engine, fill_masks_fast, generate_fast
 from remask.sampling.generate import fill_masks
 
 
@@ -145,11 +149,31 @@ def run_once(method: Method, target: Pipeline, prompts: list[list[int]], gen_len
             n = calls[0]
         wall += time.perf_counter() - t0
         passes += n
-        for row in x[:, ids.shape[1]:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            answers.append(row if end is None else row[:end + 1])
-    useful = sum(len(a) - (1 if a and a[-1] in stops else 0) for a in answers)  # tokens before the end-of-text
-    return answers, cost_of(passes, useful, wall)
+        answers += [until_stop(row, stops) for row in x[:, ids.shape[1]:].tolist()]
+    return answers, cost_of(passes, useful_tokens(answers, stops), wall)
+
+
+def run_stream(method: Method, pipe: Pipeline, prompts: list[list[int]], in_flight: int,
+               repeats: int) -> tuple[list[list[int]], dict]:
+    """The prompts as requests to one engine, at most `in_flight` rows at once, the next joining
+    as a row ends (a server's continuous batching): answers in the prompts' order, the cost, and
+    the rows a pass carried on average."""
+    stops = pipe.stop_ids()
+
+    def once():
+        engine = Engine(pipe.model, mask_id=pipe.tokenizer.mask_id, vocab_size=pipe.model.config.vocab_size, eos_ids=stops)
+        queue, rows, row_steps, steps = list(prompts), [], 0, 0
+        t0 = time.perf_counter()
+        while queue or engine.active:
+            while queue and engine.active < in_flight:
+                rows.append(engine.add(queue.pop(0), method.sampler))
+            row_steps, steps = row_steps + engine.active, steps + 1
+            engine.step()
+        wall = time.perf_counter() - t0
+        answers = [until_stop(r.result().answer, stops) for r in rows]
+        return answers, cost_of(engine.stats.forward_passes, useful_tokens(answers, stops), wall) | {
+            "steps": steps, "row_steps": row_steps, "rows_per_step": row_steps / steps}
+    return best_of(method.name, repeats, once)
 
 
 def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
@@ -296,8 +320,28 @@ def part_batch(b: Bench) -> list[dict]:
     return rows
 
 
+def part_stream(b: Bench) -> list[dict]:
+    """More requests than rows in flight, each joining as another ends (a server's continuous
+    batching), for the engine's methods: `--batch` rows in flight against one; accuracy =
+    agreement with one in flight. The AR twin's decoding has no engine and is not in this part."""
+    a, L = b.args, b.args.gen_length
+    prompts = free_prompts(b.pipe, b.docs, a.stream_requests, [16, 48, 80, 128])
+    if len(prompts) < a.stream_requests:
+        raise RemaskError(f"--stream-requests {a.stream_requests}: only {len(prompts)} prompts to be had")
+    rows, when = [], stamp()
+    chosen = ("dual_threshold_0.9", *(f"block{n}_threshold_0.9" for n in b.blocks))
+    for m in [m for m in methods(L, a.block_length) + block_methods(L, b.blocks) if m.name in chosen]:
+        results = {n: run_stream(m, b.pipes[m.model], prompts, n, a.repeats) for n in (1, a.batch)}
+        for n, (answers, cost) in results.items():
+            scores = {"accuracy": agreement(answers, results[1][0]), "in_flight": n, "requests": len(prompts),
+                      "speedup_vs_batch_1": cost["tokens_per_s"] / results[1][1]["tokens_per_s"], "speedup_vs_naive": None}
+            rows.append(b.row("stream", m, L, n, cost, scores, when))
+    return rows
+
+
 PARTS = {"free": part_free, "memorised": part_memorised, "memorised_short": part_memorised_short,
-         "thresholds": part_thresholds, "couplets": part_couplets, "batch": part_batch}  # in the order they run
+         "thresholds": part_thresholds, "couplets": part_couplets, "batch": part_batch,
+         "stream": part_stream}  # in the order they run
 TASKS = (set(PARTS) - {"couplets"}) | {f"couplets_{d}" for d in DIRECTIONS}  # the tasks' names in the rows
 
 
@@ -313,6 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--short-prompts", type=positive_int, default=16, help="windows of memorised_short and of the sweep")
     ap.add_argument("--repeats", type=positive_int, default=3, help="runs per method; the fastest counts")
     ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--stream-requests", type=positive_int, default=48, help="requests of the stream part")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "sampling.json",
                     help="the result file, merged into (its PNG goes beside it)")
     return ap.parse_args(argv)

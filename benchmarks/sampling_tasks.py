@@ -204,13 +204,24 @@ def task_settings(args: dict, task: str) -> dict:
     keys = {"free": ("context", "prompts"), "memorised": ("context", "prompts"),
             "memorised_short": ("short_context", "short_prompts", "context", "gen_length"),
             "thresholds": ("short_context", "short_prompts", "context", "gen_length"),
-            "batch": ("batch",)}.get(task, ())
+            "batch": ("batch",), "stream": ("batch", "stream_requests")}.get(task, ())
     return {"runs": str(args["runs"]), "repeats": args["repeats"]} | {k: args[k] for k in keys}
 
 
 def model_of(runs: Path | str, method: Method) -> str:
     """The model directory a method's answers come from."""
     return str(Path(runs) / method.model / "final")
+
+
+def until_stop(answer: list[int], stops: list[int]) -> list[int]:
+    """An answer up to its first end-of-text, included."""
+    end = next((i for i, t in enumerate(answer) if t in stops), None)
+    return answer if end is None else answer[:end + 1]
+
+
+def useful_tokens(answers: list[list[int]], stops: list[int]) -> int:
+    """The answers' tokens before their end-of-text."""
+    return sum(len(a) - (1 if a and a[-1] in stops else 0) for a in answers)
 
 
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> float:

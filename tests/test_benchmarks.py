@@ -99,6 +99,31 @@ def test_sampling_rows_keep_the_interface_layout(bench, tiny_runs, tmp_path):
     assert rows["ar_plain_kv_loop"]["forward_passes"] == rows["ar_kv_cache"]["forward_passes"]
 
 
+def test_stream_rows_agree_with_one_in_flight(bench, tiny_runs, tmp_path, monkeypatch):
+    """The stream part: requests joining an engine as others end give the answers they give one at
+    a time (agreement 1.0 for the exact block cache, whose answers do not depend on the batch),
+    and the rows say how many rows a step carried. (The tiny tokenizer knows no Tang poem title:
+    the prompts are the corpus's lines, cut to different lengths.)"""
+    import sampling
+
+    def prompts(pipe, docs, count, contexts):
+        return [pipe.tokenizer.encode(POEM_LINES[i % len(POEM_LINES)])[:3 + 2 * i] for i in range(count)]
+
+    monkeypatch.setattr(sampling, "free_prompts", prompts)
+    out = tmp_path / "sampling.json"
+    sampling.main(["--runs", str(tiny_runs), "--out", str(out), "--parts", "stream", "--gen-length", "16",
+                   "--block-length", "8", "--repeats", "1", "--batch", "3", "--stream-requests", "5"])
+    rows = json.loads(out.read_text())["results"]["methods"]
+    assert {(r["method"], r["in_flight"]) for r in rows} == {(m, n) for m in ("dual_threshold_0.9", "block4_threshold_0.9")
+                                                            for n in (1, 3)}
+    for r in rows:
+        assert r["task"] == "stream" and r["requests"] == 5 and r["settings"]["stream_requests"] == 5
+        assert r["rows_per_step"] == 1.0 if r["in_flight"] == 1 else 1.0 < r["rows_per_step"] <= 3
+        assert r["row_steps"] >= r["steps"] and r["useful_tokens"] > 0
+    block = {r["in_flight"]: r for r in rows if r["method"].startswith("block")}
+    assert block[3]["accuracy"] == 1.0 and block[3]["row_steps"] == block[1]["row_steps"]
+
+
 def test_training_parts_keep_their_own_stamp(bench, tmp_path, monkeypatch):
     """training.py merges its parts: each part's commit, date and settings stay its own."""
     import training
