@@ -254,7 +254,11 @@ def headline() -> list[str]:
              f"diffusion model infilling {f2(poem['mdm']['couplet']['forward'])} / {f2(poem['mdm']['couplet']['backward'])}; "
              f"AR twin's statement {f2(poem['ar']['statement']['forward'])} / {f2(poem['ar']['statement']['backward'])}; "
              f"asked the question after SFT (the paper's protocol): diffusion {f2(rev['mdm']['forward'])} / "
-             f"{f2(rev['mdm']['backward'])}, AR {f2(rev['ar']['forward'])} / {f2(rev['ar']['backward'])}"],
+             f"{f2(rev['mdm']['backward'])}, AR {f2(rev['ar']['forward'])} / {f2(rev['ar']['backward'])}"
+             + "".join(f"; block twin (L' = {info['block_length']}) infilling inside a block "
+                       f"{f2(poem[name]['couplet']['forward'])} / {f2(poem[name]['couplet']['backward'])}, after SFT "
+                       f"{f2(rev[name]['forward'])} / {f2(rev[name]['backward'])}"
+                       for name, info in rev.get("twins", {}).items() if info["attention"] == "block")],
             ["[fast sampling](docs/sampling.md): memorised_short, dual cache + threshold 0.9",
              f"{short_best['speedup_vs_naive']:.1f}x the reference at accuracy {short_best['accuracy']:.3f} "
              f"(reference {short_ref['accuracy']:.3f}; AR twin {ar_short['accuracy']:.3f} at {ar_short['tokens_per_s']:.0f} tok/s)"],
