@@ -161,13 +161,16 @@ def metrics_seconds(run: Path, until_step: int | None = None) -> float | None:
 
 
 def write_result(name: str, settings: dict[str, Any], results: dict[str, Any], out: Path | None = None,
-                 device: str = "cpu") -> Path:
-    """Write the result JSON atomically (temp file, fsync, rename), print it, return its path."""
+                 device: str = "cpu", stamp: dict[str, str] | None = None) -> Path:
+    """Write the result JSON atomically (temp file, fsync, rename), print it, return its path.
+    `stamp` (commit, date) keeps a file's own stamp where a writer only replaces rows that carry
+    their own; by default the file is stamped with this commit and now."""
     path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
+    stamp = stamp or {"commit": git_commit(), "date": now()}
     record = {
         "name": name,
-        "commit": git_commit(),
-        "date": now(),
+        "commit": stamp["commit"],
+        "date": stamp["date"],
         "device": device_name(device),
         "settings": settings,
         "results": results,

@@ -173,7 +173,8 @@ def run_stream(method: Method, pipe: Pipeline, prompts: list[list[int]], in_flig
         answers = [until_stop(r.result().answer, stops) for r in rows]
         return answers, cost_of(engine.stats.forward_passes, useful_tokens(answers, stops), wall) | {
             "steps": steps, "row_steps": row_steps, "rows_per_step": row_steps / steps}
-    return best_of(method.name, repeats, once)
+    answers, cost = best_of(method.name, repeats, once)
+    return answers, cost | {"ms_per_row_step": cost["wall_s"] / cost["row_steps"] * 1e3}
 
 
 def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
@@ -389,7 +390,8 @@ def write_block_rows(rows: list[dict], path: Path) -> None:
                     "speedup_vs_ar_kv": r["tokens_per_s"] / ar[(r["task"], r["batch_size"])]
                     if (r["task"], r["batch_size"]) in ar else None}
                for r in rows if r["method"].startswith(("block", "ar")) or r["method"] == "dual_threshold_0.9"]
-    write_result("block", record["settings"], record["results"] | {"methods": methods}, out=path)
+    stamp = {"commit": record["commit"], "date": record["date"]} if "commit" in record else None  # its other parts' stamp
+    write_result("block", record["settings"], record["results"] | {"methods": methods}, out=path, stamp=stamp)
 
 
 if __name__ == "__main__":

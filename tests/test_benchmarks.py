@@ -111,6 +111,9 @@ def test_stream_rows_agree_with_one_in_flight(bench, tiny_runs, tmp_path, monkey
 
     monkeypatch.setattr(sampling, "free_prompts", prompts)
     out = tmp_path / "sampling.json"
+    earlier = {"name": "block", "commit": "1234567", "date": "2026-01-01T00:00:00+00:00", "device": "cpu",
+               "settings": {"steps": 9}, "results": {"nelbo": [{"run": "ar"}]}}  # block.py's parts, measured before
+    (tmp_path / "block.json").write_text(json.dumps(earlier))
     sampling.main(["--runs", str(tiny_runs), "--out", str(out), "--parts", "stream", "--gen-length", "16",
                    "--block-length", "8", "--repeats", "1", "--batch", "3", "--stream-requests", "5"])
     rows = json.loads(out.read_text())["results"]["methods"]
@@ -122,6 +125,9 @@ def test_stream_rows_agree_with_one_in_flight(bench, tiny_runs, tmp_path, monkey
         assert r["row_steps"] >= r["steps"] and r["useful_tokens"] > 0
     block = {r["in_flight"]: r for r in rows if r["method"].startswith("block")}
     assert block[3]["accuracy"] == 1.0 and block[3]["row_steps"] == block[1]["row_steps"]
+    record = json.loads((tmp_path / "block.json").read_text())  # its rows replaced, the other parts' stamp kept
+    assert (record["commit"], record["date"], record["settings"]) == ("1234567", earlier["date"], {"steps": 9})
+    assert record["results"]["nelbo"] == [{"run": "ar"}] and len(record["results"]["methods"]) == 4
 
 
 def test_training_parts_keep_their_own_stamp(bench, tmp_path, monkeypatch):
