@@ -334,6 +334,9 @@ def test_pretrain_convert_sft_generate_and_score_a_block_model(corpus, tmp_path,
     (["--objective", "bd"], "--block-length is required with --objective bd"),
     (["--objective", "mdm", "--block-length", "4"], "--block-length (4) is for --objective bd only"),
     (["--objective", "bd", "--block-length", "4", "--t-min", "0.8", "--t-max", "0.3"], "--t-min (0.8) must be below"),
+    (["--run.attention-kernel", "flex"], "--run.attention-kernel flex is for --objective bd"),
+    (["--objective", "bd", "--block-length", "4", "--run.attention-kernel", "flex", "--device", "cpu"],
+     "--run.attention-kernel flex needs a CUDA device"),
 ])
 def test_block_settings_are_checked_before_anything_is_written(corpus, tmp_path, capsys, argv, fragment):
     from remask.app.cli import main as cli_main

@@ -16,13 +16,18 @@ to keep and when to refresh it -- belong to the samplers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from remask.config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -143,7 +148,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.effective_n_kv_heads * cfg.head_dim, bias=False)
         self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, causal: bool,
                 past: tuple[Tensor, Tensor] | None = None,
                 filled: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """(output, (k, v) of these tokens); `past` keys/values are attended to as well (a buffer
@@ -162,9 +167,27 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head h reads KV head h // group
             group = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        # With an explicit mask the causal part is already folded into it (see attention_bias).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        if isinstance(mask, Tensor) or mask is None:
+            # With an explicit mask the causal part is already folded into it (see attention_bias).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        else:  # a FlexAttention BlockMask: the block-sparse kernel skips the tiles it masks whole
+            y = flex_kernel(q.is_cuda)(q, k, v, block_mask=mask)
         return self.attn_out(y.transpose(1, 2).reshape(B, T, -1)), new
+
+
+_COMPILED_FLEX = []
+
+
+def flex_kernel(cuda: bool) -> Callable:
+    """FlexAttention: compiled once on CUDA (its fused kernel); elsewhere the eager reference, which
+    forms the whole score matrix and has no backward on CPU (a check of the mask, not a speed-up)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
 
 
 class SwiGLU(nn.Module):
@@ -190,7 +213,7 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, causal: bool,
                 past: tuple[Tensor, Tensor] | None = None,
                 filled: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h, kv = self.attn(self.attn_norm(x), cos, sin, mask, causal, past, filled)
@@ -252,7 +275,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, *,
                 past: KV | None = None, return_kv: bool = False, logits_at: Tensor | slice | None = None,
-                mask: Tensor | None = None) -> Tensor | tuple[Tensor, KV]:
+                mask: Tensor | BlockMask | None = None) -> Tensor | tuple[Tensor, KV]:
         """ids (B, T) -> logits (B, T, V).
 
         `positions` (T,), or (B, T) per row, are the rotary positions of `ids` (default
@@ -262,7 +285,8 @@ class Transformer(nn.Module):
         `return_kv` also returns these tokens' own (a `KV`, valid where `attention_mask` is); `logits_at` (an index or slice along T, or a
         (B, N) index per row) computes the output head only there. `mask` (B or 1, 1, T, T), True =
         may attend, replaces the layout's own (block diffusion's training pass over the noisy and
-        the clean sequence together); no `attention_mask` or `past` with it.
+        the clean sequence together); no `attention_mask` or `past` with it. It may also be a
+        FlexAttention `BlockMask` of the same pattern, run by FlexAttention's block-sparse kernel.
         """
         B, T = ids.shape
         total = T + (past.length if past is not None else 0)

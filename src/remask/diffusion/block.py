@@ -85,6 +85,25 @@ def two_stream_mask(positions: Tensor, block_length: int) -> Tensor:
     return torch.cat([top, bottom], dim=1)[:, None]  # (B, 1, 2L, 2L)
 
 
+def two_stream_block_mask(positions: Tensor, block_length: int):
+    """`two_stream_mask` as a FlexAttention `BlockMask` (the same pattern, as a rule over query and
+    key indices), for FlexAttention's block-sparse kernel: tiles the pattern masks whole (a noisy
+    query tile against clean keys of later blocks, a clean query tile against the noisy half) are
+    skipped. `positions` (1, L) shared by every row, or (B, L)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    blocks = torch.div(positions, block_length, rounding_mode="floor")  # (B or 1, L)
+    B, L = blocks.shape
+
+    def rule(b, h, q, k):
+        row = b if B > 1 else 0  # one grid: every row reads it
+        qb, kb = blocks[row, q % L], blocks[row, k % L]
+        q_noisy, k_noisy = q < L, k < L
+        return (q_noisy & k_noisy & (qb == kb)) | (q_noisy & ~k_noisy & (kb < qb)) | (~q_noisy & ~k_noisy & (kb <= qb))
+
+    return create_block_mask(rule, B=B if B > 1 else None, H=None, Q_LEN=2 * L, KV_LEN=2 * L, device=positions.device)
+
+
 def two_stream_inputs(noisy: Tensor, clean: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """(ids (B, 2L), positions (B, 2L)) of the side-by-side pass: noisy first, then clean."""
     return torch.cat([noisy, clean], dim=1), torch.cat([positions, positions], dim=1)
@@ -98,12 +117,17 @@ def block_spans(start: int, stop: int, block_length: int) -> list[slice]:
     return [slice(a, min(a + block_length, stop)) for a in range(start, stop, block_length)]
 
 
+KERNELS = ("sdpa", "flex")  # how the two-stream pass attends: a boolean mask, or FlexAttention's BlockMask
+
+
 def two_stream_logits(model: Callable[..., Tensor], noisy: Tensor, clean: Tensor, positions: Tensor,
-                      block_length: int) -> Tensor:
-    """(B, L, V) the noisy half's logits of the one pass over noisy + clean (`model` a Transformer)."""
+                      block_length: int, kernel: str = "sdpa") -> Tensor:
+    """(B, L, V) the noisy half's logits of the one pass over noisy + clean (`model` a Transformer),
+    its mask a boolean one (`sdpa`) or FlexAttention's (`flex`)."""
     ids, pos = two_stream_inputs(noisy, clean, positions)
     grid = positions[:1] if bool((positions == positions[:1]).all()) else positions  # one mask for all rows when it can
-    return model(ids, None, pos, mask=two_stream_mask(grid, block_length), logits_at=slice(0, noisy.shape[1]))
+    mask = two_stream_block_mask(grid, block_length) if kernel == "flex" else two_stream_mask(grid, block_length)
+    return model(ids, None, pos, mask=mask, logits_at=slice(0, noisy.shape[1]))
 
 
 @torch.no_grad()

@@ -167,6 +167,9 @@ class RunConfig(ConfigBase):
     """torch.compile the model."""
     fsdp: bool = False
     """Under torchrun: shard the model with FSDP2 instead of replicating it with DDP."""
+    attention_kernel: Literal["sdpa", "flex"] = "sdpa"
+    """Block diffusion's two-stream training pass: sdpa (a boolean mask, every device) or flex
+    (FlexAttention's block-sparse kernel, compiled; CUDA only: FlexAttention has no backward on CPU)."""
     log_every: int = setting(10, gt=0)
     val_every: int = setting(100, gt=0)
     val_batches: int = setting(8, gt=0)
@@ -185,11 +188,13 @@ class RunConfig(ConfigBase):
 
 
 def check_noise(cfg: ConfigBase) -> None:
-    """The cross-field rules the two workflows share: a block length only for block diffusion, and a
-    non-empty range of t."""
+    """The cross-field rules the two workflows share: a block length and the flex kernel only for
+    block diffusion, and a non-empty range of t."""
     cfg.need(cfg.block_length is None or cfg.objective == "bd", "block_length",
              f"({cfg.block_length}) is for --objective bd only (objective is {cfg.objective!r})")
     cfg.need(cfg.t_min < cfg.t_max, "t_min", f"({cfg.t_min:g}) must be below t_max ({cfg.t_max:g})")
+    cfg.need(cfg.run.attention_kernel == "sdpa" or cfg.objective == "bd", "objective",
+             f"({cfg.objective}) has no two-stream pass: --run.attention-kernel flex is for --objective bd")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class BlockInputs(MaskedInputs):
 
     positions: Tensor | None = None  # (B, L)
     block_length: int = 1  # L'
+    kernel: str = "sdpa"  # the two-stream pass's attention (diffusion.block.KERNELS)
 
 
 Inputs = MaskedInputs | NextTokenInputs | BlockInputs
@@ -106,6 +107,7 @@ class Noise:
     stratified: bool = False  # t one per stratum of the range (an unbiased, lower-variance draw)
     t_range: tuple[float, float] = (0.0, 1.0)  # t ~ U[t_range]; narrower: BD3-LM's clipped schedule
     block_length: int | None = None  # block diffusion's L'
+    kernel: str = "sdpa"  # block diffusion's two-stream attention: sdpa or flex
 
     def full_range(self) -> Noise:
         """The same noise with t on all of [0, 1]: the likelihood bound (validation reports it)."""
@@ -143,7 +145,8 @@ def pretrain_bd_inputs(batch: TextBatch, noise: Noise, generator: torch.Generato
     positions = row_positions(batch.ids.shape[1], torch.zeros(len(batch), dtype=torch.long, device=batch.ids.device))
     noisy, masked, p = block_forward_mask(batch.ids, positions, noise.block_length, mask_id=noise.mask_id, eps=noise.eps,
                                           t_range=noise.t_range, stratified=noise.stratified, generator=generator)
-    return BlockInputs(batch.ids, noisy, masked, p, positions=positions, block_length=noise.block_length)
+    return BlockInputs(batch.ids, noisy, masked, p, positions=positions, block_length=noise.block_length,
+                       kernel=noise.kernel)
 
 
 def sft_bd_inputs(batch: DialogueBatch, noise: Noise, generator: torch.Generator | None) -> BlockInputs:
@@ -153,7 +156,7 @@ def sft_bd_inputs(batch: DialogueBatch, noise: Noise, generator: torch.Generator
                                           t_range=noise.t_range, maskable=~prompt_mask(batch),
                                           stratified=noise.stratified, generator=generator)
     return BlockInputs(batch.ids, noisy, masked, p, batch.ids.shape[1] - batch.prompt_lengths, positions,
-                       noise.block_length)
+                       noise.block_length, noise.kernel)
 
 
 def pretrain_mdm_loss(model: nn.Module, inputs: MaskedInputs) -> Tensor:
@@ -169,7 +172,7 @@ def next_token_loss(model: nn.Module, inputs: NextTokenInputs) -> Tensor:
 
 
 def block_logits(model: nn.Module, inputs: BlockInputs) -> Tensor:
-    return two_stream_logits(model, inputs.noisy, inputs.ids, inputs.positions, inputs.block_length)
+    return two_stream_logits(model, inputs.noisy, inputs.ids, inputs.positions, inputs.block_length, inputs.kernel)
 
 
 def pretrain_bd_loss(model: nn.Module, inputs: BlockInputs) -> Tensor:

@@ -85,9 +85,14 @@ def build_run_model(architecture: ModelConfig | None, init_from: Path | None, ob
 
 
 def noise(cfg, tokenizer, model: Transformer) -> Noise:
-    """The run's forward process: its settings, the tokenizer's mask id, the model's block length."""
+    """The run's forward process: its settings, the tokenizer's mask id, the model's block length,
+    the two-stream pass's attention kernel (flex: refused off CUDA, before anything is written)."""
+    kernel = cfg.run.attention_kernel
+    if kernel == "flex" and next(model.parameters()).device.type != "cuda":
+        raise ConfigError("flex needs a CUDA device (FlexAttention has no backward pass on the CPU); "
+                          "use sdpa", field="--run.attention-kernel")
     return Noise(tokenizer.mask_id, cfg.mask_eps, cfg.t_sampling == "stratified", (cfg.t_min, cfg.t_max),
-                 model.config.block_length)
+                 model.config.block_length, kernel)
 
 
 def micro_batch_size(micro: int | None, batch_size: int, info: D.DistInfo) -> int:
