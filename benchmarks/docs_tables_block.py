@@ -17,7 +17,7 @@ def block_nelbo() -> list[str]:
             f"{s['batch_size']} x {s['seq_len']} tokens each). Every block model between the AR twin and the diffusion "
             f"model: {'yes' if part['between_ar_and_diffusion'] else 'no'}; ordered by block length from AR to "
             f"diffusion: {'yes' if part['monotone_in_block_length'] else 'no'}.")
-    return table(["model", "nats per token (± s.e.)", "measure"], rows) + ["", note, "", source("block")]
+    return table(["model", "nats per token (± s.e.)", "measure"], rows) + ["", note, "", source("block", part="nelbo_info")]
 
 
 def reached(curve: list[dict], step: int | None) -> str:
@@ -44,7 +44,7 @@ def block_convert() -> list[str]:
     header = ["L' = 8 block model", "fine-tuning steps (time)", "NELBO, nats/token", "scratch run reaches it between",
               "steps to the scratch model's final NELBO"]
     note = f"On {part['windows']} held-out windows; the scratch model's final NELBO {part['target_nats_per_token']:.3f}. "
-    return table(header, rows) + ["", note + source("block")]
+    return table(header, rows) + ["", note + source("block", part="convert")]
 
 
 def block_cost() -> list[str]:
@@ -53,7 +53,7 @@ def block_cost() -> list[str]:
     rows = [[f"`{preset}`", label, f"{part[preset][k]['median_step_s']:.3f}", f"{part[preset][k]['tokens_per_s']:.0f}",
              f"{part[preset][k]['cost_per_token_over_mdm']:.2f}"]
             for preset in part if preset != "measured" for k, label in names]
-    return table(["preset", "objective", "step s", "tokens/s", "cost per token / diffusion's"], rows) + ["", source("block")]
+    return table(["preset", "objective", "step s", "tokens/s", "cost per token / diffusion's"], rows) + ["", source("block", part="cost")]
 
 
 def block_row(task: str, method: str) -> dict | None:

@@ -20,14 +20,16 @@ def results(name: str) -> dict:
     return record(name)["results"]
 
 
-def source(*names: str, rows: tuple[str, ...] = ("sampling",)) -> str:
+def source(*names: str, rows: tuple[str, ...] = ("sampling",), part: str | None = None) -> str:
     """The line under a table: which files, at which commits and dates (of each row, for the files
-    in `rows`), on which device."""
+    in `rows`; of `part`'s own stamp, `results[part]["measured"]`, for a file whose parts are
+    measured by separate runs), on which device."""
     parts = []
     for name in names:
         r = record(name)
         commits = sorted({row["commit"] for row in r["results"].get("methods", [])}) if name in rows else []
-        at = f"rows measured at {', '.join(commits)}" if commits else f"commit {r['commit']}, {r['date'][:10]}"
+        own = r["results"][part]["measured"] if part else r
+        at = f"rows measured at {', '.join(commits)}" if commits else f"commit {own['commit']}, {own['date'][:10]}"
         parts.append(f"`benchmarks/results/{name}.json` ({at}; {r['device']})")
     return "From " + " and ".join(parts) + "."
 
