@@ -16,6 +16,8 @@ training cost per token.
   the steps (and seconds) each needs to reach the scratch model's final value.
 - twins (not in the default parts): the reversal benchmark's diffusion twin (runs/reversal) converted
   to block models of L' = 4, 8, 16 on its own corpus, for the sampling benchmarks.
+- clip (not in the default parts): the L' = 16 scratch run again with t drawn from --clip-range
+  (BD3-LM's clipped schedule), both scored as in nelbo (the bound: t on [0, 1]).
 - cost: full optimizer steps (masking + forward + backward + AdamW) of every objective on identical
   batches, timed in alternating rounds in one process: tokens/s and the cost per token against
   the diffusion model's.
@@ -48,10 +50,15 @@ from remask.train.setup import run_layout
 BLOCKS = (4, 8, 16)
 SCRATCH = {"ar": ("ar", None), "mdm": ("mdm", None)} | {f"bd{n}": ("bd", n) for n in BLOCKS}
 CONVERSIONS = {"ar-to-bd8": "ar", "mdm-to-bd8": "mdm"}  # run -> the trained model it starts from
+CLIPPED = "bd16-clip"  # the L' = 16 scratch run with t drawn from --clip-range (BD3-LM's clipped schedule)
 
 
 def run_config(args, name: str) -> PretrainConfig:
-    """The pretraining config of one run: scratch runs share everything but the objective."""
+    """The pretraining config of one run: scratch runs share everything but the objective (the
+    clipped run, `CLIPPED`, the range of t as well)."""
+    if name == CLIPPED:
+        base = run_config(args, "bd16")
+        return base.replace(t_min=args.clip_range[0], t_max=args.clip_range[1], run=base.run.replace(out=Path(args.out) / name))
     if name in SCRATCH:
         objective, block = SCRATCH[name]
         model, steps, every = ModelSection(preset=args.preset), args.steps, max(1, args.steps // 8)
@@ -136,6 +143,19 @@ def nelbo(args) -> dict:
     return {"nelbo": rows, "nelbo_info": info}
 
 
+def clip(args) -> dict:
+    """The L' = 16 model trained with t on --clip-range against the same model trained with t on
+    [0, 1]: the NELBO of both (the bound, t on [0, 1]) on the nelbo part's windows, and the
+    diffusion model's bound beside them."""
+    cfg = run_config(args, CLIPPED)
+    if not (cfg.run.out / "final").is_dir():
+        pretrain(cfg)
+    _, windows = held_out(args)
+    rows = {name: score(Path(args.out) / name / "final", windows, args) for name in ("bd16", CLIPPED, "mdm")}
+    return {"t_range": list(args.clip_range), "windows": len(windows), "nelbo": rows,
+            "train_seconds": {name: metrics_seconds(Path(args.out) / name) for name in ("bd16", CLIPPED)}}
+
+
 def curve(run: Path, windows, args) -> list[dict]:
     """The NELBO at each kept checkpoint of a run and at its final model, with the run's seconds."""
     points = sorted((int(p.name.removeprefix("step-")), p) for p in (run / "checkpoints").glob("step-*"))
@@ -195,7 +215,7 @@ def cost_at(args, preset: str) -> dict:
     return out
 
 
-PARTS = {"train": train, "nelbo": nelbo, "convert": convert, "cost": cost, "twins": twins}
+PARTS = {"train": train, "nelbo": nelbo, "convert": convert, "cost": cost, "twins": twins, "clip": clip}
 
 
 def main() -> int:
@@ -208,6 +228,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--windows", type=positive_int, default=64, help="held-out windows scored")
     parser.add_argument("--mc-num", type=positive_int, default=64, help="Monte-Carlo draws per window")
+    parser.add_argument("--clip-range", type=float, nargs=2, default=[0.3, 0.8], metavar=("T_MIN", "T_MAX"),
+                        help="clip: the range of t the clipped L' = 16 run trains on")
     parser.add_argument("--rounds", type=positive_int, default=5, help="cost: rounds of 4 steps per objective")
     parser.add_argument("--cost-presets", nargs="+", default=["tiny", "demo"], help="cost: the model sizes timed")
     parser.add_argument("--twins", default="runs/reversal", help="twins: the reversal benchmark's runs")
