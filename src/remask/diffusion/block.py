@@ -87,9 +87,8 @@ def two_stream_mask(positions: Tensor, block_length: int) -> Tensor:
 
 def two_stream_block_mask(positions: Tensor, block_length: int):
     """`two_stream_mask` as a FlexAttention `BlockMask` (the same pattern, as a rule over query and
-    key indices), for FlexAttention's block-sparse kernel: tiles the pattern masks whole (a noisy
-    query tile against clean keys of later blocks, a clean query tile against the noisy half) are
-    skipped. `positions` (1, L) shared by every row, or (B, L)."""
+    key indices), for FlexAttention's block-sparse kernel: tiles the pattern masks whole (such as a
+    clean query tile against the noisy half) are skipped. `positions` (1, L) shared by every row, or (B, L)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     blocks = torch.div(positions, block_length, rounding_mode="floor")  # (B or 1, L)
@@ -124,6 +123,8 @@ def two_stream_logits(model: Callable[..., Tensor], noisy: Tensor, clean: Tensor
                       block_length: int, kernel: str = "sdpa") -> Tensor:
     """(B, L, V) the noisy half's logits of the one pass over noisy + clean (`model` a Transformer),
     its mask a boolean one (`sdpa`) or FlexAttention's (`flex`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     ids, pos = two_stream_inputs(noisy, clean, positions)
     grid = positions[:1] if bool((positions == positions[:1]).all()) else positions  # one mask for all rows when it can
     mask = two_stream_block_mask(grid, block_length) if kernel == "flex" else two_stream_mask(grid, block_length)
