@@ -16,8 +16,9 @@ training cost per token.
   the steps (and seconds) each needs to reach the scratch model's final value.
 - twins (not in the default parts): the reversal benchmark's diffusion twin (runs/reversal) converted
   to block models of L' = 4, 8, 16 on its own corpus, for the sampling benchmarks.
-- clip (not in the default parts): the L' = 16 scratch run again with t drawn from --clip-range
-  (BD3-LM's clipped schedule), both scored as in nelbo (the bound: t on [0, 1]).
+- clip (not in the default parts): the diffusion model and the block models trained again with t
+  drawn from --clip-range (BD3-LM's clipped schedule), each scored beside its unclipped run as in
+  nelbo (the bound: t on [0, 1]).
 - cost: full optimizer steps (masking + forward + backward + AdamW) of every objective on identical
   batches, timed in alternating rounds in one process: tokens/s and the cost per token against
   the diffusion model's.
@@ -50,14 +51,19 @@ from remask.train.setup import run_layout
 BLOCKS = (4, 8, 16)
 SCRATCH = {"ar": ("ar", None), "mdm": ("mdm", None)} | {f"bd{n}": ("bd", n) for n in BLOCKS}
 CONVERSIONS = {"ar-to-bd8": "ar", "mdm-to-bd8": "mdm"}  # run -> the trained model it starts from
-CLIPPED = "bd16-clip"  # the L' = 16 scratch run with t drawn from --clip-range (BD3-LM's clipped schedule)
+CLIP_BASES = ("mdm", "bd4", "bd8", "bd16")  # the scratch runs the clip part trains again with t on --clip-range
+
+
+def clipped(name: str) -> str:
+    """The run that repeats scratch run `name` with t drawn from --clip-range (BD3-LM's clipped schedule)."""
+    return f"{name}-clip"
 
 
 def run_config(args, name: str) -> PretrainConfig:
-    """The pretraining config of one run: scratch runs share everything but the objective (the
-    clipped run, `CLIPPED`, the range of t as well)."""
-    if name == CLIPPED:
-        base = run_config(args, "bd16")
+    """The pretraining config of one run: scratch runs share everything but the objective (a
+    clipped run, `clipped(name)`, the range of t as well)."""
+    if name.endswith("-clip"):
+        base = run_config(args, name.removesuffix("-clip"))
         return base.replace(t_min=args.clip_range[0], t_max=args.clip_range[1], run=base.run.replace(out=Path(args.out) / name))
     if name in SCRATCH:
         objective, block = SCRATCH[name]
@@ -144,16 +150,24 @@ def nelbo(args) -> dict:
 
 
 def clip(args) -> dict:
-    """The L' = 16 model trained with t on --clip-range against the same model trained with t on
-    [0, 1]: the NELBO of both (the bound, t on [0, 1]) on the nelbo part's windows, and the
-    diffusion model's bound beside them."""
-    cfg = run_config(args, CLIPPED)
-    if not (cfg.run.out / "final").is_dir():
-        pretrain(cfg)
+    """Each of --clip-runs trained again with t on --clip-range, against itself trained with t on
+    [0, 1]: the NELBO of both (the bound, t on [0, 1]) on the nelbo part's windows, and whether the
+    clipped block models lie between the AR twin's NLL and the clipped diffusion model's bound."""
+    for base in args.clip_runs:
+        cfg = run_config(args, clipped(base))
+        if not (cfg.run.out / "final").is_dir():
+            pretrain(cfg)
     _, windows = held_out(args)
-    rows = {name: score(Path(args.out) / name / "final", windows, args) for name in ("bd16", CLIPPED, "mdm")}
-    return {"t_range": list(args.clip_range), "windows": len(windows), "nelbo": rows,
-            "train_seconds": {name: metrics_seconds(Path(args.out) / name) for name in ("bd16", CLIPPED)}}
+    names = [n for base in args.clip_runs for n in (base, clipped(base))]
+    rows = {name: score(Path(args.out) / name / "final", windows, args) for name in names}
+    out = {"t_range": list(args.clip_range), "windows": len(windows), "nelbo": rows,
+           "train_seconds": {name: metrics_seconds(Path(args.out) / name) for name in names}}
+    if set(args.clip_runs) == set(CLIP_BASES):
+        ar = score(Path(args.out) / "ar" / "final", windows, args)["nats_per_token"]
+        ordered = [ar, *(rows[clipped(f"bd{n}")]["nats_per_token"] for n in BLOCKS), rows[clipped("mdm")]["nats_per_token"]]
+        out |= {"ar_nats_per_token": ar, "between_ar_and_diffusion": all(ordered[0] <= v <= ordered[-1] for v in ordered[1:-1]),
+                "monotone_in_block_length": ordered == sorted(ordered)}
+    return out
 
 
 def curve(run: Path, windows, args) -> list[dict]:
@@ -229,7 +243,9 @@ def main() -> int:
     parser.add_argument("--windows", type=positive_int, default=64, help="held-out windows scored")
     parser.add_argument("--mc-num", type=positive_int, default=64, help="Monte-Carlo draws per window")
     parser.add_argument("--clip-range", type=float, nargs=2, default=[0.3, 0.8], metavar=("T_MIN", "T_MAX"),
-                        help="clip: the range of t the clipped L' = 16 run trains on")
+                        help="clip: the range of t the clipped runs train on")
+    parser.add_argument("--clip-runs", nargs="+", choices=CLIP_BASES, default=list(CLIP_BASES),
+                        help="clip: the scratch runs trained again with the clipped range")
     parser.add_argument("--rounds", type=positive_int, default=5, help="cost: rounds of 4 steps per objective")
     parser.add_argument("--cost-presets", nargs="+", default=["tiny", "demo"], help="cost: the model sizes timed")
     parser.add_argument("--twins", default="runs/reversal", help="twins: the reversal benchmark's runs")

@@ -218,16 +218,18 @@ def test_docs_tables_are_generated_from_the_results(bench):
                            for v in values for scale in (1, 100, 1e-3, 1e-6, 1e-9)), (path.name, block.group(2), shown)
 
 
-def test_the_clipped_block_run_differs_from_its_baseline_in_the_range_of_t_only(bench, tmp_path):
-    """benchmarks/block.py's clip part compares two L' = 16 runs: the same data, model, batches,
+@pytest.mark.parametrize("name, objective, block", [("bd16", "bd", 16), ("bd4", "bd", 4), ("mdm", "mdm", None)])
+def test_a_clipped_run_differs_from_its_baseline_in_the_range_of_t_only(bench, tmp_path, name, objective, block):
+    """benchmarks/block.py's clip part compares runs in pairs: the same data, model, batches,
     schedule and seed, t drawn from --clip-range in one and from [0, 1] in the other."""
     import argparse
 
-    import block
+    import block as bench_block
 
     args = argparse.Namespace(out=str(tmp_path), preset="tiny", steps=40, data="builtin:shakespeare", seq_len=32,
                               batch_size=4, lr=2e-3, progress=False, clip_range=[0.3, 0.8])
-    base, clipped = block.run_config(args, "bd16").to_dict(), block.run_config(args, block.CLIPPED).to_dict()
+    base = bench_block.run_config(args, name).to_dict()
+    clipped = bench_block.run_config(args, bench_block.clipped(name)).to_dict()
     assert (clipped.pop("t_min"), clipped.pop("t_max"), base.pop("t_min"), base.pop("t_max")) == (0.3, 0.8, 0.0, 1.0)
-    assert clipped["run"].pop("out") == str(tmp_path / "bd16-clip") and base["run"].pop("out") == str(tmp_path / "bd16")
-    assert clipped == base and base["block_length"] == 16
+    assert clipped["run"].pop("out") == str(tmp_path / f"{name}-clip") and base["run"].pop("out") == str(tmp_path / name)
+    assert clipped == base and (base["objective"], base["block_length"]) == (objective, block)
