@@ -20,6 +20,27 @@ def block_nelbo() -> list[str]:
     return table(["model", "nats per token (± s.e.)", "measure"], rows) + ["", note, "", source("block", part="nelbo_info")]
 
 
+def block_clip() -> list[str]:
+    """Each model trained with t on [0, 1] and with t on the clipped range, both scored by the bound."""
+    part = results("block").get("clip")
+    if part is None:
+        return ["(no clip part in block.json yet: `python benchmarks/block.py --parts clip`)"]
+    lo, hi = part["t_range"]
+    rows = [["AR twin", f"{part['ar_nats_per_token']:.3f} (exact NLL)", DASH, DASH]] if "ar_nats_per_token" in part else []
+    for name, label in (("bd4", "block, L' = 4"), ("bd8", "block, L' = 8"), ("bd16", "block, L' = 16"), ("mdm", "full diffusion")):
+        if name in part["nelbo"]:
+            a, b = part["nelbo"][name], part["nelbo"][f"{name}-clip"]
+            rows.append([label, f"{a['nats_per_token']:.3f} ± {a['stderr']:.3f}", f"{b['nats_per_token']:.3f} ± {b['stderr']:.3f}",
+                         f"{b['nats_per_token'] - a['nats_per_token']:+.3f}"])
+    note = f"The same {part['windows']} held-out windows, every value the bound (t on [0, 1]) whatever the training range."
+    if "between_ar_and_diffusion" in part:
+        note += (f" Clipped block models between the AR twin and the clipped diffusion model: "
+                 f"{'yes' if part['between_ar_and_diffusion'] else 'no'}; ordered by block length: "
+                 f"{'yes' if part['monotone_in_block_length'] else 'no'}.")
+    header = ["model", "trained with t on [0, 1]", f"trained with t on [{lo:g}, {hi:g}]", "difference"]
+    return table(header, rows) + ["", note, "", source("block", part="clip")]
+
+
 def reached(curve: list[dict], step: int | None) -> str:
     """Between which checkpoints of a conversion its NELBO first reached the target, and the seconds by then."""
     if step is None:
@@ -111,4 +132,5 @@ def block_headline() -> list[str]:
 
 
 BLOCK_TABLES: dict[str, Callable[[], list[str]]] = {
-    "block_nelbo": block_nelbo, "block_convert": block_convert, "block_cost": block_cost, "block_sampling": block_sampling}
+    "block_nelbo": block_nelbo, "block_clip": block_clip, "block_convert": block_convert, "block_cost": block_cost,
+    "block_sampling": block_sampling}
