@@ -160,7 +160,8 @@ def clip(args) -> dict:
     _, windows = held_out(args)
     names = [n for base in args.clip_runs for n in (base, clipped(base))]
     rows = {name: score(Path(args.out) / name / "final", windows, args) for name in names}
-    out = {"t_range": list(args.clip_range), "windows": len(windows), "nelbo": rows,
+    gain = {base: rows[clipped(base)]["nats_per_token"] - rows[base]["nats_per_token"] for base in args.clip_runs}
+    out = {"t_range": list(args.clip_range), "windows": len(windows), "nelbo": rows, "clipped_minus_unclipped": gain,
            "train_seconds": {name: metrics_seconds(Path(args.out) / name) for name in names}}
     if set(args.clip_runs) == set(CLIP_BASES):
         ar = score(Path(args.out) / "ar" / "final", windows, args)["nats_per_token"]

@@ -31,7 +31,7 @@ def block_clip() -> list[str]:
         if name in part["nelbo"]:
             a, b = part["nelbo"][name], part["nelbo"][f"{name}-clip"]
             rows.append([label, f"{a['nats_per_token']:.3f} ± {a['stderr']:.3f}", f"{b['nats_per_token']:.3f} ± {b['stderr']:.3f}",
-                         f"{b['nats_per_token'] - a['nats_per_token']:+.3f}"])
+                         f"{part['clipped_minus_unclipped'][name]:+.3f}"])
     note = f"The same {part['windows']} held-out windows, every value the bound (t on [0, 1]) whatever the training range."
     if "between_ar_and_diffusion" in part:
         note += (f" Clipped block models between the AR twin and the clipped diffusion model: "
