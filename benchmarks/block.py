@@ -135,15 +135,20 @@ def score(directory: Path, windows, args) -> dict:
             "attention": model.config.attention, "block_length": model.config.block_length}
 
 
+def order(ar: float, blocks: list[float], diffusion: float) -> dict:
+    """Whether the block models' values (by block length, ascending) lie between the AR twin's and
+    the diffusion model's, and whether all of them rise from AR through the blocks to diffusion."""
+    ordered = [ar, *blocks, diffusion]
+    return {"between_ar_and_diffusion": all(ar <= v <= diffusion for v in blocks), "monotone_in_block_length": ordered == sorted(ordered)}
+
+
 def nelbo(args) -> dict:
     """{"nelbo": one row per model (INTERFACE.md: model, block_length, nats_per_token, stderr), "nelbo_info"}."""
     _, windows = held_out(args)
     table = {name: score(Path(args.out) / name / "final", windows, args) for name in SCRATCH}
-    ordered = [table["ar"]["nats_per_token"], *(table[f"bd{n}"]["nats_per_token"] for n in BLOCKS),
-               table["mdm"]["nats_per_token"]]
     rows = [{"model": SCRATCH[name][0], "run": name} | values for name, values in table.items()]
-    info = {"windows": len(windows), "between_ar_and_diffusion": all(ordered[0] <= v <= ordered[-1] for v in ordered[1:-1]),
-            "monotone_in_block_length": ordered == sorted(ordered),
+    info = {"windows": len(windows)} | order(table["ar"]["nats_per_token"], [table[f"bd{n}"]["nats_per_token"] for n in BLOCKS],
+                                              table["mdm"]["nats_per_token"]) | {
             "note": "nats per token on the same held-out windows; the AR twin's value is exact, the others "
                     "upper bounds estimated by Monte Carlo (exact enumeration where no dearer)"}
     return {"nelbo": rows, "nelbo_info": info}
@@ -165,9 +170,8 @@ def clip(args) -> dict:
            "train_seconds": {name: metrics_seconds(Path(args.out) / name) for name in names}}
     if set(args.clip_runs) == set(CLIP_BASES):
         ar = score(Path(args.out) / "ar" / "final", windows, args)["nats_per_token"]
-        ordered = [ar, *(rows[clipped(f"bd{n}")]["nats_per_token"] for n in BLOCKS), rows[clipped("mdm")]["nats_per_token"]]
-        out |= {"ar_nats_per_token": ar, "between_ar_and_diffusion": all(ordered[0] <= v <= ordered[-1] for v in ordered[1:-1]),
-                "monotone_in_block_length": ordered == sorted(ordered)}
+        out |= {"ar_nats_per_token": ar} | order(ar, [rows[clipped(f"bd{n}")]["nats_per_token"] for n in BLOCKS],
+                                                 rows[clipped("mdm")]["nats_per_token"])
     return out
 
 

@@ -46,6 +46,7 @@ from sampling_tasks import (
     model_of,
     plot_thresholds,
     pretrained_length,
+    run_stream,
     short_blocks,
     task_settings,
     until_stop,
@@ -57,7 +58,7 @@ from remask.eval.reversal import COUPLET, DIRECTIONS, Pair, load_holdout, make_p
 from remask.pipeline import Pipeline, left_pad
 from remask.sampling import ar_generate, generate
 from remask.sampling.autoregressive import ar_generate_cached
-from remask.sampling.engine import Engine, fill_masks_fast, generate_fast
+from remask.sampling.engine import fill_masks_fast, generate_fast
 from remask.sampling.generate import fill_masks
 
 
@@ -153,30 +154,6 @@ def run_once(method: Method, target: Pipeline, prompts: list[list[int]], gen_len
     return answers, cost_of(passes, useful_tokens(answers, stops), wall)
 
 
-def run_stream(method: Method, pipe: Pipeline, prompts: list[list[int]], in_flight: int,
-               repeats: int) -> tuple[list[list[int]], dict]:
-    """The prompts as requests to one engine, at most `in_flight` rows at once, the next joining
-    as a row ends (a server's continuous batching): answers in the prompts' order, the cost, and
-    the rows a pass carried on average."""
-    stops = pipe.stop_ids()
-
-    def once():
-        engine = Engine(pipe.model, mask_id=pipe.tokenizer.mask_id, vocab_size=pipe.model.config.vocab_size, eos_ids=stops)
-        queue, rows, row_steps, steps = list(prompts), [], 0, 0
-        t0 = time.perf_counter()
-        while queue or engine.active:
-            while queue and engine.active < in_flight:
-                rows.append(engine.add(queue.pop(0), method.sampler))
-            row_steps, steps = row_steps + engine.active, steps + 1
-            engine.step()
-        wall = time.perf_counter() - t0
-        answers = [until_stop(r.result().answer, stops) for r in rows]
-        return answers, cost_of(engine.stats.forward_passes, useful_tokens(answers, stops), wall) | {
-            "steps": steps, "row_steps": row_steps, "rows_per_step": row_steps / steps}
-    answers, cost = best_of(method.name, repeats, once)
-    return answers, cost | {"ms_per_row_step": cost["wall_s"] / cost["row_steps"] * 1e3}
-
-
 def couplet_cases(pipe: Pipeline, pairs: list[Pair], direction: str,
                   window: int) -> tuple[list[tuple[list[int], slice]], list[list[int] | None], list[str]]:
     """benchmarks/reversal.py's couplet probe (`eval.reversal.probe_answers`): for the diffusion
@@ -212,6 +189,11 @@ class Bench:
     @property
     def blocks(self) -> list[int]:
         return sorted(int(k[2:]) for k in self.pipes if k.startswith("bd"))
+
+    def chosen(self, *names: str) -> list[Method]:
+        """The methods of these names (the twins' and the block models'), in the usual order."""
+        every = methods(self.args.gen_length, self.args.block_length) + block_methods(self.args.gen_length, self.blocks)
+        return [m for m in every if m.name in names]
 
     def row(self, task: str, method: Method, length: int | None, batch_size: int, cost: dict, scores: dict,
             when: dict) -> dict:
@@ -305,13 +287,15 @@ def part_couplets(b: Bench) -> list[dict]:
     return out
 
 
+MIXED_CONTEXTS = [16, 48, 80, 128]  # the batch and stream parts' prompt lengths, in turn
+
+
 def part_batch(b: Bench) -> list[dict]:
     """Mixed-length prompts all at once against one at a time, same method; accuracy = agreement with one at a time."""
     a, L = b.args, b.args.gen_length
-    mixed = free_prompts(b.pipe, b.docs, a.batch, [16, 48, 80, 128])
+    mixed = free_prompts(b.pipe, b.docs, a.batch, MIXED_CONTEXTS)
     rows, when = [], stamp()
-    chosen = ("dual_threshold_0.9", "lossless", "ar_kv_cache", *(f"block{n}_threshold_0.9" for n in b.blocks))
-    for m in [m for m in methods(L, a.block_length) + block_methods(L, b.blocks) if m.name in chosen]:
+    for m in b.chosen("dual_threshold_0.9", "lossless", "ar_kv_cache", *(f"block{n}_threshold_0.9" for n in b.blocks)):
         alone_answers, alone = run_method(m, b.pipes, mixed, L, batch_size=1, repeats=a.repeats)
         batched_answers, batched = run_method(m, b.pipes, mixed, L, batch_size=a.batch, repeats=a.repeats)
         for size, cost, answers in ((1, alone, alone_answers), (a.batch, batched, batched_answers)):
@@ -326,12 +310,11 @@ def part_stream(b: Bench) -> list[dict]:
     batching), for the engine's methods: `--batch` rows in flight against one; accuracy =
     agreement with one in flight. The AR twin's decoding has no engine and is not in this part."""
     a, L = b.args, b.args.gen_length
-    prompts = free_prompts(b.pipe, b.docs, a.stream_requests, [16, 48, 80, 128])
+    prompts = free_prompts(b.pipe, b.docs, a.stream_requests, MIXED_CONTEXTS)
     if len(prompts) < a.stream_requests:
         raise RemaskError(f"--stream-requests {a.stream_requests}: only {len(prompts)} prompts to be had")
     rows, when = [], stamp()
-    chosen = ("dual_threshold_0.9", *(f"block{n}_threshold_0.9" for n in b.blocks))
-    for m in [m for m in methods(L, a.block_length) + block_methods(L, b.blocks) if m.name in chosen]:
+    for m in b.chosen("dual_threshold_0.9", *(f"block{n}_threshold_0.9" for n in b.blocks)):
         results = {n: run_stream(m, b.pipes[m.model], prompts, n, a.repeats) for n in (1, a.batch)}
         for n, (answers, cost) in results.items():
             scores = {"accuracy": agreement(answers, results[1][0]), "in_flight": n, "requests": len(prompts),

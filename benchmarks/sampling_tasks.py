@@ -5,6 +5,7 @@ scored, and the threshold sweep's plot. Method and results: docs/sampling.md."""
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from remask.data.corpora import tang300_poems
 from remask.errors import RemaskError
 from remask.pipeline import Pipeline
 from remask.sampling import SamplerConfig
+from remask.sampling.engine import Engine
 
 REF = "reference"
 
@@ -222,6 +224,30 @@ def until_stop(answer: list[int], stops: list[int]) -> list[int]:
 def useful_tokens(answers: list[list[int]], stops: list[int]) -> int:
     """The answers' tokens before their end-of-text."""
     return sum(len(a) - (1 if a and a[-1] in stops else 0) for a in answers)
+
+
+def run_stream(method: Method, pipe: Pipeline, prompts: list[list[int]], in_flight: int,
+               repeats: int) -> tuple[list[list[int]], dict]:
+    """The prompts as requests to one engine, at most `in_flight` rows at once, the next joining
+    as a row ends (a server's continuous batching): answers in the prompts' order, the cost, and
+    the rows a step carried on average."""
+    stops = pipe.stop_ids()
+
+    def once():
+        engine = Engine(pipe.model, mask_id=pipe.tokenizer.mask_id, vocab_size=pipe.model.config.vocab_size, eos_ids=stops)
+        queue, rows, row_steps, steps = list(prompts), [], 0, 0
+        t0 = time.perf_counter()
+        while queue or engine.active:
+            while queue and engine.active < in_flight:
+                rows.append(engine.add(queue.pop(0), method.sampler))
+            row_steps, steps = row_steps + engine.active, steps + 1
+            engine.step()
+        wall = time.perf_counter() - t0
+        answers = [until_stop(r.result().answer, stops) for r in rows]
+        return answers, cost_of(engine.stats.forward_passes, useful_tokens(answers, stops), wall) | {
+            "steps": steps, "row_steps": row_steps, "rows_per_step": row_steps / steps}
+    answers, cost = best_of(method.name, repeats, once)
+    return answers, cost | {"ms_per_row_step": cost["wall_s"] / cost["row_steps"] * 1e3}
 
 
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> float:
